@@ -1,0 +1,25 @@
+"""dwconvert: turn the standard convs of a trained CNN into depthwise + pointwise layers.
+
+>>> import torch, torchvision, dwconvert
+>>> model = torchvision.models.resnet18()
+>>> small = dwconvert.convert(model, budget=1/3, example_inputs=torch.randn(1, 3, 224, 224))
+>>> print(small.dwconvert_report)
+"""
+
+from .convert import convert
+from .layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
+from .ranks import BudgetError
+from .report import ConversionReport, LayerRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "CPConv2d",
+    "ConversionReport",
+    "DwPwConv2d",
+    "FactorizedConv2d",
+    "LayerRecord",
+    "PwDwConv2d",
+    "convert",
+]

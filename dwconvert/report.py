@@ -1,0 +1,146 @@
+"""Records of what a conversion did, and their formatting for people.
+
+The conversion pass returns records; nothing here computes anything but sums,
+so the numbers stay testable and the CLI only formats them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+
+@dataclass
+class LayerRecord:
+    """One conv of the model and what happened to it.
+
+    Attributes:
+        name: qualified module name, e.g. ``layer1.0.conv1``.
+        status: ``"converted"`` or ``"skipped"``.
+        form: the factorized form used (``None`` when skipped).
+        rank: the rank used; for ``cp`` it is per group.
+        full_rank: the rank at which the form is exact.
+        requested_rank: the rank asked for, when it was clamped to ``full_rank``.
+        macs_before / macs_after: MACs per image (per output pixel when the
+            conversion had no example input).
+        params_before / params_after: parameters, bias included.
+        weight_error: relative kernel error ``||W - W_r|| / ||W||``.
+        reason: why the layer was skipped, or a note on its conversion.
+    """
+
+    name: str
+    status: str
+    macs_before: int
+    params_before: int
+    macs_after: int | None = None
+    params_after: int | None = None
+    form: str | None = None
+    rank: int | None = None
+    full_rank: int | None = None
+    requested_rank: int | None = None
+    weight_error: float | None = None
+    reason: str = ""
+
+    @property
+    def converted(self) -> bool:
+        return self.status == "converted"
+
+
+@dataclass
+class ConversionReport:
+    """Every conv's record plus whole-model totals.
+
+    Model MACs count ``nn.Conv2d`` and ``nn.Linear`` layers at the example input
+    (``None`` when the conversion had none); parameters count the whole model.
+    """
+
+    layers: list[LayerRecord]
+    traced: bool
+    params_before: int
+    params_after: int
+    macs_before: int | None = None
+    macs_after: int | None = None
+    budget: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.converted]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.converted]
+
+    @property
+    def mac_ratio(self) -> float | None:
+        """Model MACs after / before."""
+        if not self.macs_before:
+            return None
+        return self.macs_after / self.macs_before
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mac_ratio"] = self.mac_ratio
+        data["param_ratio"] = self.param_ratio
+        return data
+
+    def table(self) -> str:
+        """The per-layer table, one row per conv."""
+        rows = []
+        for r in self.layers:
+            rank = "" if r.rank is None else f"{r.rank}/{r.full_rank}"
+            if r.requested_rank is not None:
+                rank += f" (asked {r.requested_rank})"
+            rows.append([
+                r.name,
+                r.form or "-",
+                rank,
+                _count(r.macs_before),
+                _count(r.macs_after if r.converted else r.macs_before),
+                _count(r.params_before),
+                _count(r.params_after if r.converted else r.params_before),
+                "" if r.weight_error is None else f"{r.weight_error:.3f}",
+                r.reason,
+            ])
+        headers = ["layer", "form", "rank", "MACs", "MACs after", "params", "params after",
+                   "weight err", "note"]
+        return tabulate(rows, headers=headers, disable_numparse=True)
+
+    def summary(self) -> str:
+        """Totals in a few lines: layers converted, model MACs and parameters."""
+        lines = [
+            f"converted {len(self.converted)} of {len(self.layers)} convs"
+            + ("" if self.traced else " (model not traceable: modules replaced in place)"),
+        ]
+        if self.macs_before:
+            lines.append(
+                f"model MACs {_count(self.macs_before)} -> {_count(self.macs_after)} "
+                f"({self.mac_ratio:.3f} of the original"
+                + (f", budget {self.budget:.3f})" if self.budget is not None else ")")
+            )
+        lines.append(
+            f"parameters {_count(self.params_before)} -> {_count(self.params_after)} "
+            f"({self.param_ratio:.3f} of the original)"
+        )
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table() + "\n\n" + self.summary()
+
+
+def _count(value: int | None) -> str:
+    """``1234567`` -> ``'1.23M'``: counts as people read them."""
+    if value is None:
+        return ""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
