@@ -1,0 +1,1 @@
+"""The ``dwconvert`` command line: one module per subcommand."""

@@ -1,0 +1,135 @@
+"""What the subcommands share: options, input parsing, errors and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, build_model, load_weights, read_state_dict
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an unexpected error: a bug, reported with --debug
+EXIT_USAGE = 2  # bad options
+EXIT_INPUT = 3  # a checkpoint, arch, data or input shape that cannot be used
+EXIT_CONVERSION = 4  # the conversion cannot do what was asked (e.g. an unreachable budget)
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 success, 1 unexpected error (rerun with --debug), 2 bad options, "
+    "3 unusable input (checkpoint, arch, data, input shape), 4 conversion impossible "
+    "as asked (e.g. budget below the reachable minimum)"
+)
+
+
+class CLIError(Exception):
+    """An error for the user: one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` or ``"1x3x224x224"`` -> a batch shape with batch size 1 if omitted."""
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        dims = ()
+    if len(dims) not in (3, 4) or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"input shape {text!r} should be C,H,W or N,C,H,W of positive ints, e.g. 3,224,224"
+        )
+    return dims if len(dims) == 4 else (1, *dims)
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} should be a JSON object, e.g. '{{\"num_classes\": 10}}'")
+    return value
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} should be comma-separated numbers, e.g. 0.1307") from None
+
+
+def add_arch_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--arch", required=required, metavar="MODULE:CALLABLE",
+        help="how to build the model whose weights the checkpoint holds, "
+             "e.g. digit_recognizer.model:CNN or torchvision.models:resnet18",
+    )
+    parser.add_argument("--arch-kwargs", type=parse_json_object, default=None, metavar="JSON",
+                        help="keyword arguments for --arch, e.g. '{\"num_classes\": 10}'")
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="allow a checkpoint that is a whole pickled model; unpickling runs arbitrary "
+             "code, so use it only for files you trust (the default loads tensors only)",
+    )
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mean", type=parse_floats, default=None,
+                        help="input normalisation mean per channel, e.g. 0.1307")
+    parser.add_argument("--std", type=parse_floats, default=None,
+                        help="input normalisation std per channel, e.g. 0.3081")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+
+
+def load_original(path: str, arch: str | None, arch_kwargs: dict | None,
+                  allow_pickle: bool) -> nn.Module:
+    """Build ``arch`` and fill it from a user's checkpoint (or unpickle a whole model)."""
+    try:
+        content = read_state_dict(path, allow_pickle=allow_pickle)
+        if isinstance(content, nn.Module):
+            return content.eval()
+        if arch is None:
+            raise CLIError(f"{path!r} holds a state_dict: give --arch MODULE:CALLABLE to build "
+                           "the model it belongs to")
+        model = build_model(arch, arch_kwargs)
+        load_weights(model, content, repr(path))
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
+    return model.eval()
+
+
+def check_input_shape(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """An example input of ``shape`` that the model accepts, or a clear error."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    example = torch.randn(shape, dtype=dtype)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(
+            f"the model rejects an input of shape {'x'.join(map(str, shape))} ({first}); "
+            "give the shape it expects with --input-shape C,H,W"
+        ) from None
+    return example
+
+
+def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
+    """Refuse to overwrite an input, or an existing file without --force."""
+    out = Path(output)
+    for source in inputs:
+        if Path(source).exists() and out.exists() and os.path.samefile(out, source) \
+                or out.resolve() == Path(source).resolve():
+            raise CLIError(f"output {output!r} is the input file; choose another path",
+                           EXIT_USAGE)
+    if out.exists() and not force:
+        raise CLIError(f"output {output!r} exists; pass --force to replace it", EXIT_USAGE)
+    if not out.parent.exists():
+        raise CLIError(f"the folder of output {output!r} does not exist", EXIT_USAGE)
+    return out

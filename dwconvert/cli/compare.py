@@ -1,0 +1,80 @@
+"""``dwconvert compare``: accuracy of the original and the converted model on the same data."""
+
+from __future__ import annotations
+
+import argparse
+
+from tabulate import tabulate
+
+from ..checkpoint import CheckpointError, is_converted_checkpoint, load, read_recipe
+from ..costs import measure
+from ..data import DATA_SPECS_HELP, DataSpecError, make_loader
+from ..evaluate import compare_models
+from ..report import _count
+from .common import CLIError, add_arch_options, add_data_options, load_original
+
+EXAMPLE = """example:
+  dwconvert compare model.pth model-dw.safetensors --data mnist5k
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="evaluate the original and the converted model on the same data",
+        description="Evaluate both models on the same images and print the top-1 accuracy "
+                    "of each, how often their top-1 predictions agree, parameters and MACs. "
+                    + DATA_SPECS_HELP,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("original", metavar="ORIGINAL",
+                        help="the original checkpoint (state_dict, or a dwconvert checkpoint)")
+    parser.add_argument("converted", metavar="CONVERTED", help="a dwconvert checkpoint")
+    parser.add_argument("--data", required=True, metavar="SPEC",
+                        help="mnist5k, fashion-mnist:DIR or imagefolder:DIR")
+    add_arch_options(parser, required=False)
+    add_data_options(parser)
+    parser.set_defaults(run=run)
+
+
+def _load_pair(args):
+    try:
+        meta = read_recipe(args.converted)
+        converted = load(args.converted)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
+    if is_converted_checkpoint(args.original):
+        try:
+            original = load(args.original)
+        except CheckpointError as err:
+            raise CLIError(str(err)) from None
+    else:
+        arch = args.arch or meta["arch"]
+        kwargs = args.arch_kwargs if args.arch_kwargs is not None else meta["arch_kwargs"]
+        original = load_original(args.original, arch, kwargs, args.allow_pickle)
+    return original, converted
+
+
+def run(args: argparse.Namespace) -> int:
+    original, converted = _load_pair(args)
+    try:
+        loader = make_loader(args.data, batch_size=args.batch_size, limit=args.limit,
+                             mean=args.mean, std=args.std)
+        images = next(iter(loader))[0]
+    except DataSpecError as err:
+        raise CLIError(str(err)) from None
+
+    comparison = compare_models(original, converted, loader)
+    example = (images[:1],)
+    rows = []
+    for label, model, result in (("original", original, comparison.original),
+                                 ("converted", converted, comparison.converted)):
+        cost = measure(model, example)
+        rows.append([label, f"{100 * result.top1:.2f}%", _count(cost.params), _count(cost.macs)])
+    print(tabulate(rows, headers=["model", "top-1", "params", "MACs"], disable_numparse=True))
+    before, after = (measure(m, example).macs for m in (original, converted))
+    print()
+    print(f"{comparison.original.count} images of {args.data}; top-1 agreement "
+          f"{100 * comparison.agreement:.2f}%; MACs {after / before:.3f} of the original")
+    return 0

@@ -1,0 +1,113 @@
+"""``dwconvert compress``: convert a trained checkpoint and save the result."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..checkpoint import save
+from ..convert import convert
+from ..factorize import FORMS
+from ..ranks import BudgetError
+from .common import (
+    EXIT_CONVERSION,
+    EXIT_USAGE,
+    CLIError,
+    add_arch_options,
+    check_input_shape,
+    check_output_path,
+    load_original,
+    parse_input_shape,
+)
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """example:
+  dwconvert compress model.pth -o model-dw.safetensors \\
+      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --form cp --budget 0.25
+"""
+
+
+def parse_rank(text: str):
+    if text == "full":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"rank {text!r} should be a positive int or 'full'")
+    return value
+
+
+def parse_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"budget {text!r} is the fraction of MACs to keep and must lie in (0, 1], e.g. 0.25"
+        )
+    return value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compress",
+        help="convert the convs of a checkpoint to depthwise + pointwise layers",
+        description="Convert the standard Conv2d layers of a trained checkpoint into "
+                    "factorized depthwise + pointwise layers and save the converted model.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT",
+                        help="state_dict or training checkpoint (.pth/.pt/.safetensors)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                        help="converted checkpoint to write (.safetensors)")
+    add_arch_options(parser, required=False)
+    parser.add_argument("--input-shape", type=parse_input_shape, required=True,
+                        metavar="C,H,W", help="input shape at which MACs are measured")
+    parser.add_argument("--form", choices=FORMS, default="cp",
+                        help="factorized form (default: cp)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--rank", type=parse_rank, default=None,
+                        help="one rank for every conv, or 'full' (exact)")
+    amount.add_argument("--budget", type=parse_budget, default=None,
+                        help="fraction of the model's MACs to keep, in (0, 1] (default 0.5)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave convs whose name matches this glob unconverted (repeatable)")
+    parser.add_argument("--cp-iters", type=int, default=100, help="ALS iterations for cp")
+    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    output = check_output_path(args.output, [args.input], args.force)
+    model = load_original(args.input, args.arch, args.arch_kwargs, args.allow_pickle)
+    example = check_input_shape(model, args.input_shape)
+    try:
+        converted = convert(model, form=args.form, rank=args.rank, budget=args.budget,
+                            example_inputs=example, exclude=args.exclude,
+                            cp_iters=args.cp_iters)
+    except BudgetError as err:
+        raise CLIError(str(err), EXIT_CONVERSION) from None
+    except ValueError as err:
+        raise CLIError(str(err), EXIT_USAGE) from None
+    report = converted.dwconvert_report
+    print(report.table())
+    print()
+    print(report.summary())
+    if not report.converted:
+        raise CLIError("no conv was converted, so nothing was written; see the notes above",
+                       EXIT_CONVERSION)
+
+    arch = args.arch
+    if arch is None:  # a whole pickled model: rebuild it from its class
+        cls = type(model)
+        arch = f"{cls.__module__}:{cls.__qualname__}"
+    save(converted, output, arch=arch, arch_kwargs=args.arch_kwargs, overwrite=args.force,
+         extra={"source": str(args.input), "input_shape": list(args.input_shape),
+                "report": report.to_dict()})
+    print(f"wrote {output}")
+    return 0
