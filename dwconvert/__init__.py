@@ -6,6 +6,7 @@
 >>> print(small.dwconvert_report)
 """
 
+from .checkpoint import load, save
 from .convert import convert
 from .layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
 from .ranks import BudgetError
@@ -22,4 +23,6 @@ __all__ = [
     "LayerRecord",
     "PwDwConv2d",
     "convert",
+    "load",
+    "save",
 ]

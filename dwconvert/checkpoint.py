@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,10 @@ def import_callable(spec: str) -> Callable[..., nn.Module]:
         raise CheckpointError(
             f"arch {spec!r} is not of the form MODULE:CALLABLE, e.g. 'torchvision.models:resnet18'"
         )
+    # Like other tools that take MODULE:CALLABLE, look in the working directory too,
+    # so a user's own model file next to the checkpoint can be named.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -95,11 +100,13 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False):
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if not allow_pickle and "weights_only" in str(err):
+        if not allow_pickle and "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{str(path)!r} holds Python objects beyond tensors and cannot be loaded "
                 "safely; if it is a whole pickled model that you trust, pass --allow-pickle"
             ) from None
+        if "weights_only" in str(err):  # not a pickle at all, or a damaged one
+            text = f"not a PyTorch checkpoint, or a damaged one ({type(err).__name__})"
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {text}") from None
     if isinstance(obj, nn.Module):
         return obj
@@ -218,6 +225,8 @@ def save(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # The temp file is 0o600; give the result the mode of any new file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -225,6 +234,12 @@ def save(
     logger.info("saved %d tensors and %d converted layers to %s", len(tensors),
                 len(meta["layers"]), path)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _untie(state: dict[str, torch.Tensor]):
@@ -258,7 +273,12 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if "dwconvert" not in metadata:
         raise CheckpointError(f"{str(path)!r} is a safetensors file without a dwconvert recipe")
-    meta = json.loads(metadata["dwconvert"])
+    try:
+        meta = json.loads(metadata["dwconvert"])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or not {"arch", "arch_kwargs", "layers"} <= set(meta):
+        raise CheckpointError(f"the dwconvert recipe in {str(path)!r} is damaged")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{str(path)!r} was written by a newer dwconvert (format {meta['version']}); upgrade"

@@ -2,6 +2,12 @@
 
 Before: ``... -> Conv2d(M, N, k) -> ...``
 After:  ``... -> DwPwConv2d | PwDwConv2d | CPConv2d -> ...`` (a chain of smaller convs)
+
+Steps: find the convs (:mod:`dwconvert.graph`), measure the model at the example
+input (:mod:`dwconvert.costs`), collect input statistics when calibration data is
+given (:mod:`dwconvert.calibrate`), choose a form and rank per conv
+(:mod:`dwconvert.ranks`), factorize and swap the modules, refit them on the
+calibration data in forward order, and report.
 """
 
 from __future__ import annotations
@@ -11,16 +17,17 @@ import logging
 import math
 from collections.abc import Sequence
 from fnmatch import fnmatch
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
 
-from . import factorize, ranks
-from .costs import Geometry, ModelCost, conv_macs, conv_params, form_params, measure
-from .factorize import FORMS, KernelShape
+from . import calibrate, factorize, ranks
+from .costs import Geometry, ModelCost, measure
+from .factorize import FORMS, KernelShape, Whitening
 from .graph import ConvSites, find_convs, replace_module
 from .layers import FORM_CLASSES
+from .ranks import COST_MEASURES, LayerCost, Option
 from .report import ConversionReport, LayerRecord
 
 logger = logging.getLogger(__name__)
@@ -28,15 +35,21 @@ logger = logging.getLogger(__name__)
 Rank = Union[int, str]
 
 DEFAULT_BUDGET = 0.5
+AUTO = "auto"
 
 
 def convert(
     model: nn.Module,
     *,
-    form: str = "cp",
+    form: str = AUTO,
     rank: Rank | None = None,
     budget: float | None = None,
+    tolerance: float | None = None,
+    budget_on: str = "macs",
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    calibration: Any = None,
+    calib_samples: int | None = 512,
+    recalibrate_bn: bool = False,
     exclude: Sequence[str] = (),
     inplace: bool = False,
     cp_iters: int = 100,
@@ -47,21 +60,35 @@ def convert(
     The convs are found by tracing ``model`` with torch.fx (or, if it cannot be
     traced, by module type) and swapped at their qualified names, so the result
     is the same class as ``model`` with the same ``forward``. 1x1 convs, convs
-    that are already depthwise and convs whose factorized form would cost as many
-    MACs as the original are left unchanged, and the report says why.
+    that are already depthwise and convs whose factorized form would cost as much
+    as the original are left unchanged, and the report says why.
 
     Args:
         model: the trained network. It is deep-copied unless ``inplace``.
         form: ``"dw-pw"`` (per-input-channel SVD), ``"pw-dw"`` (per-output-channel
-            SVD) or ``"cp"`` (pointwise-depthwise-pointwise from a CP decomposition).
+            SVD), ``"cp"`` (pointwise-depthwise-pointwise from a CP decomposition),
+            or ``"auto"``: per conv, whichever form and rank serve the budget best.
         rank: one rank for every conv, clamped to each conv's full rank; ``"full"``
             converts every convertible conv exactly, even where that costs more.
-            Give ``rank`` or ``budget``, not both.
-        budget: the fraction of the model's MACs to keep, in (0, 1]. With
+            Needs an explicit ``form``.
+        budget: the fraction of the model's cost to keep, in (0, 1]. With
             ``example_inputs`` it is a whole-model budget; without, each conv keeps
-            that fraction of its own MACs. Defaults to 0.5 when ``rank`` is not given.
+            that fraction of its own cost. The default when neither ``rank`` nor
+            ``tolerance`` is given: 0.5.
+        tolerance: instead of a budget, the largest relative error allowed per conv
+            (its output error on the calibration data, or its weight error without
+            calibration); each conv gets the cheapest form and rank within it.
+        budget_on: what the budget counts: ``"macs"`` or ``"params"``.
         example_inputs: a batch (or tuple of forward arguments) at which MACs are
-            measured; e.g. ``torch.randn(1, 3, 224, 224)``.
+            measured, e.g. ``torch.randn(1, 3, 224, 224)``.
+        calibration: images that make the conversion data-aware: a tensor batch,
+            or an iterable of batches or ``(input, label)`` pairs. Each conv is
+            factorized to minimise the error of its output on them, and the last
+            layer of each replacement is refitted by least squares, in forward
+            order, on the inputs the converted network produces.
+        calib_samples: use at most this many calibration images.
+        recalibrate_bn: re-estimate BatchNorm running statistics on the
+            calibration images after the refit.
         exclude: qualified names or glob patterns (``"layer4.*"``) of convs to keep.
         inplace: convert ``model`` itself instead of a copy.
         cp_iters: ALS iterations for the ``cp`` form.
@@ -76,10 +103,14 @@ def convert(
             NaN or Inf weights; :class:`~dwconvert.ranks.BudgetError` (a
             ``ValueError``) for a budget below what the model can reach.
     """
-    form, rank, budget = _check_arguments(form, rank, budget)
+    forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on)
     if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    batches = None
+    if calibration is not None:
+        batches = calibrate.as_batches(calibration, calib_samples)
     target = model if inplace else copy.deepcopy(model)
+    reference = copy.deepcopy(model) if inplace and batches is not None else model
 
     # 1. Find the convs and measure the model.
     sites = find_convs(target)
@@ -88,92 +119,105 @@ def convert(
 
     # 2. Decide, per conv, whether it can be converted at all.
     records: dict[str, LayerRecord] = {}
-    candidates: list[ranks.LayerCost] = []
+    layers: dict[str, LayerCost] = {}
     for name, conv in convs.items():
-        geometry = _geometry(before, name, conv)
-        record, candidate = _examine(name, conv, form, geometry, exclude)
-        records[name] = record
-        if candidate is not None:
-            candidates.append(candidate)
-
-    # 3. Choose ranks.
-    chosen = _choose_ranks(candidates, convs, form, rank, budget, before, seed)
-
-    # 4. Factorize and swap in the new modules.
-    for candidate in candidates:
-        name = candidate.name
-        record, conv, layer_rank = records[name], convs[name], chosen[name]
-        if layer_rank is None:
-            record.reason = (
-                "kept: the budget is better spent on other layers"
-                if candidate.max_useful_rank() else
-                f"{form} at any rank costs as many MACs as the original"
-            )
+        layer = LayerCost(name, KernelShape.of(conv.weight, conv.groups),
+                          _geometry(before, name, conv), conv.bias is not None)
+        records[name] = LayerRecord(name=name, status="skipped",
+                                    macs_before=layer.original("macs"),
+                                    params_before=layer.original("params"))
+        reason = _skip_reason(name, conv, exclude)
+        if reason:
+            records[name].reason = reason
+            logger.warning("skipping %s: %s", name, reason)
             continue
-        if rank != "full" and candidate.macs(layer_rank) >= candidate.original_macs:
-            record.reason = (
-                f"{form} at rank {layer_rank} would cost {candidate.macs(layer_rank)} MACs, "
-                f"not fewer than the original {candidate.original_macs}"
+        if not torch.isfinite(conv.weight).all():
+            raise ValueError(
+                f"layer {name} has NaN or Inf weights; fix or retrain it, or pass "
+                f"exclude=[{name!r}] to leave it unconverted"
             )
+        layers[name] = layer
+
+    # 3. Statistics of each conv's input, for data-aware factorization.
+    whitening: dict[str, Whitening] = {}
+    if batches is not None and layers:
+        stats = calibrate.collect_stats(target, list(layers), batches)
+        whitening = {name: Whitening.from_moments(s.patch, s.channel, s.out_energy,
+                                                  s.patch_sum, s.count)
+                     for name, s in stats.items()}
+
+    # 4. Choose a form and rank per conv.
+    model_params = sum(p.numel() for p in target.parameters())
+    choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on, before,
+                     model_params, whitening, seed)
+
+    # 5. Factorize and swap in the new modules.
+    converted = []
+    for name, option in choice.items():
+        record, conv = records[name], convs[name]
+        if option.keeps_original:
+            record.reason = _keep_reason(layers[name], forms, budget_on, tolerance)
             continue
-        _convert_layer(target, name, sites, conv, candidate, layer_rank, record,
-                       cp_iters=cp_iters, seed=seed)
-        if isinstance(rank, int) and rank > candidate.full_rank:
+        _convert_layer(target, name, sites, conv, layers[name], option, record,
+                       whitening.get(name), cp_iters=cp_iters, seed=seed)
+        if isinstance(rank, int) and rank > record.full_rank:
             record.requested_rank = rank
+        converted.append(name)
 
-    # 5. Measure again and report.
+    # 6. Refit on calibration data, layer by layer in forward order.
+    notes = []
+    if batches is not None and converted:
+        for result in calibrate.refit(reference, target, converted, batches):
+            records[result.name].output_error = result.error_after
+        if recalibrate_bn:
+            count = calibrate.recalibrate_batchnorm(target, batches)
+            notes.append(f"recalibrated {count} BatchNorm layers on the calibration data")
+
+    # 7. Measure again and report.
     after = measure(target, example_inputs) if example_inputs is not None else None
-    report = _report(target, sites, records, before, after, budget, model)
+    report = _report(target, sites, records, before, after, budget, model, notes)
     target.dwconvert_report = report
     return target
 
 
-def _check_arguments(form, rank, budget):
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}: expected one of {', '.join(FORMS)}")
-    if rank is not None and budget is not None:
-        raise ValueError(f"give rank or budget, not both (got rank={rank!r}, budget={budget!r})")
-    if rank is None and budget is None:
+def _check_arguments(form, rank, budget, tolerance, budget_on):
+    if form != AUTO and form not in FORMS:
+        raise ValueError(f"unknown form {form!r}: expected one of auto, {', '.join(FORMS)}")
+    if budget_on not in COST_MEASURES:
+        raise ValueError(f"budget_on must be one of {', '.join(COST_MEASURES)}, got {budget_on!r}")
+    given = [n for n, v in (("rank", rank), ("budget", budget), ("tolerance", tolerance))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of rank, budget or tolerance, not {' and '.join(given)}")
+    if not given:
         budget = DEFAULT_BUDGET
     if rank is not None:
+        if form == AUTO:
+            raise ValueError(
+                f"rank={rank!r} needs an explicit form (dw-pw, pw-dw or cp); "
+                "form='auto' chooses ranks from a budget or a tolerance"
+            )
         if isinstance(rank, str):
             if rank != "full":
                 raise ValueError(f"rank must be a positive int or 'full', got {rank!r}")
         elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int or 'full', got {rank!r}")
-    if budget is not None:
-        if not isinstance(budget, (int, float)) or not 0 < budget <= 1 or math.isnan(budget):
-            raise ValueError(
-                f"budget is the fraction of MACs to keep and must lie in (0, 1], got {budget!r}"
-            )
-    return form, rank, budget
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                               or math.isnan(budget) or not 0 < budget <= 1):
+        raise ValueError(
+            f"budget is the fraction of the cost to keep and must lie in (0, 1], got {budget!r}"
+        )
+    if tolerance is not None and (not isinstance(tolerance, (int, float))
+                                  or math.isnan(tolerance) or tolerance <= 0):
+        raise ValueError(f"tolerance is a relative error and must be > 0, got {tolerance!r}")
+    forms = FORMS if form == AUTO else (form,)
+    return forms, rank, budget
 
 
 def _geometry(before: ModelCost | None, name: str, conv: nn.Conv2d) -> Geometry:
     if before is not None and name in before.geometries:
         return before.geometries[name]
     return Geometry.per_output_pixel(conv.stride)
-
-
-def _examine(name, conv, form, geometry, exclude):
-    """The record of a conv before conversion, and its cost model if convertible."""
-    shape = KernelShape.of(conv.weight, conv.groups)
-    macs = conv_macs(shape, geometry)
-    record = LayerRecord(name=name, status="skipped", macs_before=macs,
-                         params_before=conv_params(shape, conv.bias is not None))
-    reason = _skip_reason(name, conv, exclude)
-    if reason:
-        record.reason = reason
-        logger.warning("skipping %s: %s", name, reason)
-        return record, None
-    if not torch.isfinite(conv.weight).all():
-        raise ValueError(
-            f"layer {name} has NaN or Inf weights; fix or retrain it, or pass "
-            f"exclude=[{name!r}] to leave it unconverted"
-        )
-    full = factorize.full_rank(form, shape)
-    record.full_rank = full
-    return record, ranks.LayerCost(name, form, shape, geometry, full)
 
 
 def _skip_reason(name: str, conv: nn.Conv2d, exclude: Sequence[str]) -> str:
@@ -188,38 +232,70 @@ def _skip_reason(name: str, conv: nn.Conv2d, exclude: Sequence[str]) -> str:
     return ""
 
 
-def _choose_ranks(candidates, convs, form, rank, budget, before, seed) -> dict[str, int | None]:
-    if rank == "full":
-        return {c.name: c.full_rank for c in candidates}
-    if rank is not None:
-        return {c.name: min(rank, c.full_rank) for c in candidates}
-    if before is None:
-        # No example input: no common scale across layers, so each keeps `budget`.
-        return {c.name: c.rank_for(budget * c.original_macs) for c in candidates}
+def _keep_reason(layer: LayerCost, forms, budget_on, tolerance) -> str:
+    useful = any(layer.max_useful_rank(f, _full_rank(f, layer), budget_on) for f in forms)
+    if not useful:
+        return f"{' / '.join(forms)} at any rank costs as much as the original"
+    if tolerance is not None:
+        return f"no form within tolerance {tolerance:g} is cheaper than the original"
+    return "kept: the budget is better spent on other layers"
 
-    convertible = sum(c.original_macs for c in candidates)
-    fixed = before.macs - convertible
-    room = budget * before.macs - fixed
+
+def _full_rank(form: str, layer: LayerCost) -> int:
+    return factorize.full_rank(form, layer.shape)
+
+
+def _choose(layers, convs, forms, rank, budget, tolerance, on, before, model_params,
+            whitening, seed) -> dict[str, Option]:
+    """One option per convertible conv, from a rank, a budget or a tolerance."""
+    if rank is not None:
+        form = forms[0]
+        chosen = {}
+        for name, layer in layers.items():
+            full = _full_rank(form, layer)
+            r = full if rank == "full" else min(rank, full)
+            option = Option(form, r, layer.cost(form, r, "macs"), math.nan)
+            if rank != "full" and option.cost >= layer.original("macs"):
+                option = Option(None, None, layer.original("macs"), 0.0)
+            chosen[name] = option
+        return chosen
+
+    options = {name: _options(layer, convs[name], forms, on, whitening.get(name), seed)
+               for name, layer in layers.items()}
+    if tolerance is not None:
+        return {name: ranks.within_tolerance(opts, tolerance) for name, opts in options.items()}
+    if on == "params":
+        total = model_params
+    elif before is None:
+        return {name: ranks.within_own_budget(opts, budget) for name, opts in options.items()}
+    else:
+        total = before.macs
+    convertible = sum(layer.original(on) for layer in layers.values())
+    room = budget * total - (total - convertible)
     try:
-        errors = {
-            c.name: factorize.error_curve(form, convs[c.name].weight, convs[c.name].groups,
-                                          c.max_useful_rank(), seed=seed)
-            for c in candidates
-        }
-        return ranks.allocate(candidates, errors, room)
+        return ranks.allocate(options, room)
     except ranks.BudgetError as err:
-        lowest = (fixed + ranks.minimum_macs(candidates)) / before.macs
+        lowest = (total - convertible + ranks.minimum_cost(options)) / total
         raise ranks.BudgetError(
             f"budget {budget:g} is below what this model can reach: {err}; the lowest "
             f"reachable budget is {lowest:.4f} (the rest is in layers that are not converted)"
         ) from None
 
 
-def _convert_layer(target, name, sites, conv, candidate, layer_rank, record, **options):
-    form = candidate.form
+def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, whitening, seed) -> list[Option]:
+    curves = {}
+    for form in forms:
+        top = layer.max_useful_rank(form, _full_rank(form, layer), on)
+        curves[form] = factorize.error_curve(form, conv.weight, conv.groups, top, seed=seed,
+                                             whitening=whitening)
+    return ranks.options_for(layer, curves, on)
+
+
+def _convert_layer(target, name, sites, conv, layer, option, record, whitening, **options):
+    form = option.form
     try:
-        decomposition = factorize.decompose(form, conv.weight, conv.groups, layer_rank,
-                                            **options)
+        decomposition = factorize.decompose(form, conv.weight, conv.groups, option.rank,
+                                            whitening=whitening, **options)
         module = FORM_CLASSES[form].from_decomposition(conv, decomposition)
     except Exception as err:
         raise RuntimeError(f"converting layer {name} ({conv}) to {form} failed: {err}") from err
@@ -228,28 +304,28 @@ def _convert_layer(target, name, sites, conv, candidate, layer_rank, record, **o
     record.status = "converted"
     record.form = form
     record.rank = decomposition.rank
-    record.macs_after = candidate.macs(decomposition.rank)
-    record.params_after = form_params(form, candidate.shape, decomposition.rank,
-                                      conv.bias is not None)
-    record.weight_error = decomposition.error
+    record.full_rank = _full_rank(form, layer)
+    record.macs_after = layer.cost(form, decomposition.rank, "macs")
+    record.params_after = layer.cost(form, decomposition.rank, "params")
+    record.weight_error = factorize.relative_error(
+        conv.weight, factorize.reconstruct(decomposition, conv.groups))
     logger.info("converted %s to %s at rank %d/%d (weight error %.3f)", name, form,
-                decomposition.rank, candidate.full_rank, decomposition.error)
+                decomposition.rank, record.full_rank, record.weight_error)
 
 
-def _report(target, sites: ConvSites, records, before, after, budget, original):
+def _report(target, sites: ConvSites, records, before, after, budget, original, notes):
     for name in sites.unused:
         records[name] = LayerRecord(name=name, status="skipped", macs_before=0,
                                     params_before=0, reason="never called by forward")
-    params_before = sum(p.numel() for p in original.parameters())
-    params_after = sum(p.numel() for p in target.parameters())
     report = ConversionReport(
         layers=list(records.values()),
         traced=sites.traced,
-        params_before=params_before,
-        params_after=params_after,
+        params_before=sum(p.numel() for p in original.parameters()),
+        params_after=sum(p.numel() for p in target.parameters()),
         macs_before=before.macs if before else None,
         macs_after=after.macs if after else None,
         budget=budget,
+        notes=notes,
     )
     if not sites.traced:
         report.notes.append(f"not traceable ({sites.trace_error}): modules replaced in place")

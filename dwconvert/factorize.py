@@ -99,12 +99,120 @@ class Decomposition:
     error: float
 
 
-def _truncation_error(s: torch.Tensor, rank: int) -> float:
+@dataclass
+class Whitening:
+    """Lower Cholesky factors of a conv's input second moments, in float64.
+
+    With whitening, a factorization minimises the error of the layer's output on
+    the calibration data instead of the error of its kernel: for an input patch
+    covariance ``C = L L^T`` the output error of a kernel change ``D`` is
+    ``||D L||``. ``dw-pw`` uses one ``k2 x k2`` factor per input channel (exact
+    for each channel's contribution); ``pw-dw`` and ``cp`` approximate each
+    group's ``(Mg*k2)^2`` covariance by a Kronecker product of a channel and a
+    tap covariance, ``C ~ C_channel (x) C_tap / trace``.
+
+    Attributes:
+        patch: ``(M, k2, k2)``, per input channel.
+        channel: ``(g, Mg, Mg)``, per group, summed over taps.
+        spatial: ``(g, k2, k2)``, per group, summed over its channels.
+        trace: ``(g,)``, the trace of each group's full patch covariance.
+        out_energy: the summed squared layer output, to make errors relative.
+    """
+
+    patch: torch.Tensor
+    channel: torch.Tensor
+    spatial: torch.Tensor
+    trace: torch.Tensor
+    out_energy: float
+
+    @classmethod
+    def from_moments(cls, patch: torch.Tensor, channel: torch.Tensor, out_energy: float,
+                     patch_sum: torch.Tensor | None = None, count: int = 0,
+                     ridge: float = 1e-3) -> Whitening:
+        """Build from summed second moments ``patch (M, k2, k2)``, ``channel (g, Mg, Mg)``.
+
+        With the summed patches ``patch_sum (M, k2)`` over ``count`` positions, the
+        moments are centred first: the response to the mean patch is a constant
+        that a bias can absorb, and would otherwise dominate the fit of inputs
+        that are mostly positive (after a ReLU).
+        """
+        g = channel.shape[0]
+        m, k2, _ = patch.shape
+        if patch_sum is not None and count > 0:
+            mean = patch_sum / count  # (M, k2)
+            patch = patch - count * mean[:, :, None] * mean[:, None, :]
+            mg = mean.reshape(g, m // g, k2)
+            channel = channel - count * torch.einsum("gms,gns->gmn", mg, mg)
+        spatial = patch.reshape(g, m // g, k2, k2).sum(dim=1)
+        trace = channel.diagonal(dim1=1, dim2=2).sum(dim=1).clamp_min(1e-300)
+        return cls(_cholesky(patch, ridge), _cholesky(channel, ridge), _cholesky(spatial, ridge),
+                   trace, float(out_energy))
+
+
+def _cholesky(cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    # Regularise by a fraction of the mean eigenvalue, so dead inputs stay invertible.
+    d = cov.shape[-1]
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    return torch.linalg.cholesky(cov + (ridge * scale)[..., None, None] * eye)
+
+
+def _right_unwhiten(x: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    # x L^{-1}: undo a whitening applied on the right
+    return torch.linalg.solve_triangular(chol, x, upper=False, left=False)
+
+
+def _left_unwhiten(x: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    # L^{-T} x: undo a whitening L^T applied on the left
+    return torch.linalg.solve_triangular(chol.transpose(-2, -1), x, upper=True)
+
+
+def output_error(delta: torch.Tensor, groups: int, whitening: Whitening) -> float:
+    """Estimated relative output error of a kernel change ``delta`` ``(N, Mg, kh, kw)``.
+
+    Uses the Kronecker model of each group's patch covariance, so it counts the
+    interaction of all input channels (the per-channel factors do not).
+    """
+    n, mg = delta.shape[:2]
+    d = delta.to(torch.float64).reshape(groups, n // groups, mg, -1)  # (g, Ng, Mg, k2)
+    lc, ls = whitening.channel, whitening.spatial
+    white = torch.einsum("gmi,gnms,gsj->gnij", lc, d, ls)
+    sq = (white.pow(2).sum(dim=(1, 2, 3)) / whitening.trace).sum()
+    return float((sq / whitening.out_energy).sqrt()) if whitening.out_energy > 0 else 0.0
+
+
+def _svd_problem(form: str, weight: torch.Tensor, groups: int,
+                 whitening: Whitening | None):
+    """The batch of matrices whose truncated SVDs give ``form``, and the error norm.
+
+    Returns ``(mats, norm2)``: ``(M, Ng, k2)`` for ``dw-pw`` or ``(N, Mg, k2)`` for
+    ``pw-dw`` (whitened if asked), and the squared norm that makes errors relative.
+    """
+    w = weight.detach().to(torch.float64)
+    n, mg, kh, kw = w.shape
+    if form == "dw-pw":
+        mats = _per_input_channel(w, groups)
+        if whitening is not None:
+            mats = mats @ whitening.patch
+    elif form == "pw-dw":
+        mats = w.reshape(n, mg, kh * kw)
+        if whitening is not None:
+            per_out = n // groups
+            lc = whitening.channel.repeat_interleave(per_out, dim=0)  # (N, Mg, Mg)
+            ls = whitening.spatial.repeat_interleave(per_out, dim=0)  # (N, k2, k2)
+            scale = whitening.trace.repeat_interleave(per_out).sqrt()[:, None, None]
+            mats = lc.transpose(1, 2) @ mats @ ls / scale
+    else:
+        raise ValueError(f"the SVD forms are dw-pw and pw-dw, not {form!r}")
+    norm2 = whitening.out_energy if whitening is not None else float(w.pow(2).sum())
+    return mats, norm2
+
+
+def _truncation_error(s: torch.Tensor, rank: int, norm2: float) -> float:
     # s: (C, q) singular values of every channel's matrix
-    total = s.pow(2).sum()
-    if total == 0:
+    if norm2 <= 0:
         return 0.0
-    return float((s[:, rank:].pow(2).sum() / total).sqrt())
+    return float((s[:, rank:].pow(2).sum() / norm2).sqrt())
 
 
 def _split_singular_values(u, s, vh, rank):
@@ -113,19 +221,15 @@ def _split_singular_values(u, s, vh, rank):
     return u[..., :rank] * root.unsqueeze(-2), vh[..., :rank, :] * root.unsqueeze(-1)
 
 
-def singular_values(form: str, weight: torch.Tensor, groups: int) -> torch.Tensor:
+def singular_values(form: str, weight: torch.Tensor, groups: int,
+                    whitening: Whitening | None = None) -> torch.Tensor:
     """Singular values of each per-channel matrix of an SVD form, shape ``(C, q)``."""
-    w = weight.detach().to(torch.float64)
-    if form == "dw-pw":
-        mats = _per_input_channel(w, groups)
-    elif form == "pw-dw":
-        mats = w.flatten(2)
-    else:
-        raise ValueError(f"singular values exist for dw-pw and pw-dw only, not {form!r}")
+    mats, _ = _svd_problem(form, weight, groups, whitening)
     return torch.linalg.svdvals(mats)
 
 
-def svd_dw_pw(weight: torch.Tensor, groups: int, rank: int) -> Decomposition:
+def svd_dw_pw(weight: torch.Tensor, groups: int, rank: int,
+              whitening: Whitening | None = None) -> Decomposition:
     """Factor a kernel into depthwise then pointwise weights (per input channel).
 
     Returns:
@@ -134,19 +238,27 @@ def svd_dw_pw(weight: torch.Tensor, groups: int, rank: int) -> Decomposition:
     """
     n, mg, kh, kw = weight.shape
     ng, m = n // groups, mg * groups
-    mats = _per_input_channel(weight.detach().to(torch.float64), groups)  # (M, Ng, k2)
+    mats, norm2 = _svd_problem("dw-pw", weight, groups, whitening)  # (M, Ng, k2)
     u, s, vh = torch.linalg.svd(mats, full_matrices=False)
     left, right = _split_singular_values(u, s, vh, rank)  # (M, Ng, r), (M, r, k2)
+    if whitening is not None:
+        right = _right_unwhiten(right, whitening.patch)
 
     # (M, r, k2) -> dw (M*r, 1, kh, kw): output channel m*r + j of the depthwise conv
     dw = right.reshape(m * rank, 1, kh, kw)
     # (M, Ng, r) -> (g, Ng, Mg, r) -> pw (N, Mg*r, 1, 1)
     pw = left.reshape(groups, mg, ng, rank).permute(0, 2, 1, 3).reshape(n, mg * rank, 1, 1)
-    return Decomposition("dw-pw", rank, (dw.contiguous(), pw.contiguous()),
-                         _truncation_error(s, rank))
+    result = Decomposition("dw-pw", rank, (dw.contiguous(), pw.contiguous()),
+                           _truncation_error(s, rank, norm2))
+    if whitening is not None:
+        # The per-channel spectra ignore how channels' errors add up; use the full model.
+        result.error = output_error(weight.detach().to(torch.float64)
+                                    - reconstruct(result, groups), groups, whitening)
+    return result
 
 
-def svd_pw_dw(weight: torch.Tensor, groups: int, rank: int) -> Decomposition:
+def svd_pw_dw(weight: torch.Tensor, groups: int, rank: int,
+              whitening: Whitening | None = None) -> Decomposition:
     """Factor a kernel into pointwise then grouped spatial weights (per output channel).
 
     Returns:
@@ -154,15 +266,20 @@ def svd_pw_dw(weight: torch.Tensor, groups: int, rank: int) -> Decomposition:
         ``(N, r, kh, kw)`` (``N`` groups).
     """
     n, mg, kh, kw = weight.shape
-    mats = weight.detach().to(torch.float64).reshape(n, mg, kh * kw)  # (N, Mg, k2)
+    mats, norm2 = _svd_problem("pw-dw", weight, groups, whitening)  # (N, Mg, k2)
     u, s, vh = torch.linalg.svd(mats, full_matrices=False)
     left, right = _split_singular_values(u, s, vh, rank)  # (N, Mg, r), (N, r, k2)
+    if whitening is not None:
+        per_out = n // groups
+        root = whitening.trace.repeat_interleave(per_out).pow(0.25)[:, None, None]
+        left = _left_unwhiten(left, whitening.channel.repeat_interleave(per_out, dim=0)) * root
+        right = _right_unwhiten(right, whitening.spatial.repeat_interleave(per_out, dim=0)) * root
 
     # (N, Mg, r) -> pw (N*r, Mg, 1, 1): output channel n*r + j of the pointwise conv
     pw = left.transpose(1, 2).reshape(n * rank, mg, 1, 1)
     dw = right.reshape(n, rank, kh, kw)
     return Decomposition("pw-dw", rank, (pw.contiguous(), dw.contiguous()),
-                         _truncation_error(s, rank))
+                         _truncation_error(s, rank, norm2))
 
 
 @dataclass
@@ -240,66 +357,87 @@ def cp_als(
     n_iter_max: int = 100,
     tol: float = 1e-6,
     seed: int = 0,
+    whitening: Whitening | None = None,
 ) -> CPFactors:
     """Rank-``rank`` CP decomposition of each group's kernel by TensorLy's ALS.
 
+    With ``whitening`` the decomposition is fitted in the whitened space (the
+    channel and tap modes multiplied by the Cholesky factors), so that it
+    minimises the estimated output error, and the factors are mapped back.
     At or above :func:`full_rank` the exact construction of :func:`cp_exact` is
     returned instead, since ALS would only approximate it.
     """
+    return _cp(weight, groups, rank, n_iter_max, tol, seed, whitening)[0]
+
+
+def _cp(weight, groups, rank, n_iter_max, tol, seed, whitening):
+    """CP factors and the squared fitting error (whitened if asked), and its norm."""
     shape = KernelShape.of(weight, groups)
+    t = _grouped_3way(weight, groups)  # (g, Ng, Mg, k2)
     if rank >= full_rank("cp", shape):
-        return cp_exact(weight, groups)
+        norm2 = whitening.out_energy if whitening is not None else float(t.pow(2).sum())
+        return cp_exact(weight, groups), 0.0, norm2
 
     import tensorly as tl
     from tensorly.decomposition import parafac
 
-    t = _grouped_3way(weight, groups)
-    factors = []
+    if whitening is not None:
+        # (g, Ng, Mg, k2) x_channel Lc^T x_tap Ls^T / sqrt(trace)
+        scale = whitening.trace.sqrt()[:, None, None, None]
+        t = torch.einsum("gnms,gmi,gsj->gnij", t, whitening.channel, whitening.spatial) / scale
+    factors, sq_error = [], 0.0
     with tl.backend_context("pytorch"), warnings.catch_warnings():
         # The SVD initialisation fills ranks above a mode's size at random, and says so.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         for group_kernel in t:  # (Ng, Mg, k2), one decomposition per group
-            cp = parafac(
-                group_kernel,
-                rank,
-                n_iter_max=n_iter_max,
-                init="svd",
-                tol=tol,
-                random_state=seed,
-                normalize_factors=False,
-            )
+            cp = parafac(group_kernel, rank, n_iter_max=n_iter_max, init="svd", tol=tol,
+                         random_state=seed, normalize_factors=False)
             a, b, c = cp.factors
             a = a * cp.weights  # fold the CP weights into the output factor
-            factors.append(_balance(a, b, c))
+            approx = torch.einsum("nr,mr,sr->nms", a, b, c)
+            sq_error += float((group_kernel - approx).pow(2).sum())
+            factors.append((a, b, c))
     a, b, c = (torch.stack(f) for f in zip(*factors))
-    return CPFactors(a, b, c)
+    if whitening is not None:
+        a = a * whitening.trace.sqrt()[:, None, None]
+        b = _left_unwhiten(b, whitening.channel)
+        c = _left_unwhiten(c, whitening.spatial)
+    norm2 = whitening.out_energy if whitening is not None else float(t.pow(2).sum())
+    a, b, c = _balance(a, b, c)
+    return CPFactors(a, b, c), sq_error, norm2
 
 
 def _balance(a, b, c):
     # Give each rank-1 term's three vectors the same norm: the product is
     # unchanged and no factor overflows when cast to half precision.
-    norms = [f.norm(dim=0).clamp_min(1e-300) for f in (a, b, c)]
+    # Shapes (g, Ng, R), (g, Mg, R), (g, k2, R); norms over the middle dim.
+    norms = [f.norm(dim=-2, keepdim=True).clamp_min(1e-300) for f in (a, b, c)]
     common = (norms[0] * norms[1] * norms[2]).pow(1 / 3)
     return tuple(f * (common / nrm) for f, nrm in zip((a, b, c), norms))
 
 
 def decompose(form: str, weight: torch.Tensor, groups: int, rank: int, *,
-              cp_iters: int = 100, seed: int = 0) -> Decomposition:
+              cp_iters: int = 100, seed: int = 0,
+              whitening: Whitening | None = None) -> Decomposition:
     """Factorize ``weight`` (``(N, Mg, kh, kw)``, ``groups`` groups) in ``form`` at ``rank``.
 
     ``rank`` is clamped to :func:`full_rank`; at full rank every form is exact.
+    Without ``whitening`` the decomposition minimises the kernel's error and
+    ``error`` is the relative weight error; with it, the decomposition minimises
+    the estimated output error and ``error`` is that estimate, relative to the
+    layer's output on the calibration data.
     """
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     shape = KernelShape.of(weight, groups)
     rank = min(rank, full_rank(form, shape))
     if form == "dw-pw":
-        return svd_dw_pw(weight, groups, rank)
+        return svd_dw_pw(weight, groups, rank, whitening)
     if form == "pw-dw":
-        return svd_pw_dw(weight, groups, rank)
+        return svd_pw_dw(weight, groups, rank, whitening)
     if form == "cp":
-        factors = cp_als(weight, groups, rank, n_iter_max=cp_iters, seed=seed)
-        error = relative_error(weight, factors.reconstruct())
+        factors, sq_error, norm2 = _cp(weight, groups, rank, cp_iters, 1e-6, seed, whitening)
+        error = (sq_error / norm2) ** 0.5 if norm2 > 0 else 0.0
         return Decomposition("cp", factors.rank, factors.to_weights(shape.kernel_size), error)
     raise ValueError(f"unknown form {form!r}: expected one of {', '.join(FORMS)}")
 
@@ -313,39 +451,46 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float((w - approx).norm() / norm)
 
 
-def svd_truncation_errors(form: str, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Relative weight error of an SVD form at every rank ``1..q``, shape ``(q,)``.
+def svd_truncation_errors(form: str, weight: torch.Tensor, groups: int,
+                          whitening: Whitening | None = None) -> torch.Tensor:
+    """Relative error of an SVD form at every rank ``1..q``, shape ``(q,)``.
 
     Computed from the singular values alone: the error at rank ``r`` is the energy
-    of the discarded values of all channels.
+    of the discarded values of all channels (weight error, or with ``whitening``
+    the estimated output error).
     """
-    s2 = singular_values(form, weight, groups).pow(2)  # (C, q)
-    total = s2.sum()
-    if total == 0:
+    mats, norm2 = _svd_problem(form, weight, groups, whitening)
+    s2 = torch.linalg.svdvals(mats).pow(2)  # (C, q)
+    if norm2 <= 0:
         return torch.zeros(s2.shape[1], dtype=torch.float64)
-    discarded = total - s2.cumsum(dim=1).sum(dim=0)  # kept up to rank r, all channels
-    return (discarded.clamp_min(0) / total).sqrt()
+    discarded = s2.sum() - s2.cumsum(dim=1).sum(dim=0)  # kept up to rank r, all channels
+    return (discarded.clamp_min(0) / norm2).sqrt()
 
 
 def error_curve(form: str, weight: torch.Tensor, groups: int, max_rank: int, *,
-                grid: int = 8, cp_iters: int = 25, seed: int = 0) -> list[float]:
-    """Relative weight error at every rank ``1..max_rank`` (index ``r - 1``).
+                grid: int = 8, cp_iters: int = 25, seed: int = 0,
+                whitening: Whitening | None = None) -> list[float]:
+    """Relative error at every rank ``1..max_rank`` (index ``r - 1``).
 
-    Exact for the SVD forms. For ``cp`` the error is measured at about ``grid``
-    ranks spaced geometrically (with ``cp_iters`` ALS iterations each, fewer than
-    a final decomposition uses) and interpolated in between.
+    The weight error, or with ``whitening`` the estimated output error. Exact for
+    the SVD forms. For ``cp`` the error is measured at about ``grid`` ranks spaced
+    geometrically (with ``cp_iters`` ALS iterations each, fewer than a final
+    decomposition uses) and interpolated in between.
     """
     if max_rank < 1:
         return []
+    if form == "dw-pw" and whitening is not None:
+        return [decompose(form, weight, groups, r, whitening=whitening).error
+                for r in range(1, max_rank + 1)]
     if form != "cp":
-        errors = svd_truncation_errors(form, weight, groups)
+        errors = svd_truncation_errors(form, weight, groups, whitening)
         return [float(errors[min(r, len(errors)) - 1]) for r in range(1, max_rank + 1)]
 
     points = sorted({round(max_rank ** (i / max(grid - 1, 1))) for i in range(grid)})
     measured = []
     for rank in points:
-        factors = cp_als(weight, groups, rank, n_iter_max=cp_iters, seed=seed)
-        measured.append(relative_error(weight, factors.reconstruct()))
+        _, sq_error, norm2 = _cp(weight, groups, rank, cp_iters, 1e-6, seed, whitening)
+        measured.append((sq_error / norm2) ** 0.5 if norm2 > 0 else 0.0)
     # Keep the curve non-increasing: ALS from a different start can do worse at a higher rank.
     for i in range(1, len(measured)):
         measured[i] = min(measured[i], measured[i - 1])
@@ -357,3 +502,30 @@ def _interpolate(xs: list[int], ys: list[float], x: int) -> float:
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return ys[0] if x < xs[0] else ys[-1]
+
+
+def reconstruct(decomposition: Decomposition, groups: int) -> torch.Tensor:
+    """The ``(N, Mg, kh, kw)`` kernel that a decomposition's layer weights compute."""
+    form, weights, r = decomposition.form, decomposition.weights, decomposition.rank
+    if form == "dw-pw":
+        dw, pw = weights  # (M*r, 1, kh, kw), (N, Mg*r, 1, 1)
+        kh, kw = dw.shape[-2:]
+        n, mg = pw.shape[0], pw.shape[1] // r
+        a = pw.reshape(groups, n // groups, mg, r)
+        b = dw.reshape(groups, mg, r, kh * kw)
+        return torch.einsum("gnmj,gmjs->gnms", a, b).reshape(n, mg, kh, kw)
+    if form == "pw-dw":
+        pw, dw = weights  # (N*r, Mg, 1, 1), (N, r, kh, kw)
+        n, _, kh, kw = dw.shape
+        mg = pw.shape[1]
+        return torch.einsum("njm,njs->nms", pw.reshape(n, r, mg),
+                            dw.reshape(n, r, kh * kw)).reshape(n, mg, kh, kw)
+    if form == "cp":
+        pw_in, dw, pw_out = weights  # (g*R, Mg, 1, 1), (g*R, 1, kh, kw), (N, R, 1, 1)
+        kh, kw = dw.shape[-2:]
+        n, mg = pw_out.shape[0], pw_in.shape[1]
+        a = pw_out.reshape(groups, n // groups, r)
+        b = pw_in.reshape(groups, r, mg)
+        c = dw.reshape(groups, r, kh * kw)
+        return torch.einsum("gnr,grm,grs->gnms", a, b, c).reshape(n, mg, kh, kw)
+    raise ValueError(f"unknown form {form!r}: expected one of {', '.join(FORMS)}")

@@ -1,138 +1,171 @@
-"""Rank choice: from a MAC budget to one rank per layer.
+"""Rank choice: from a budget or an error tolerance to one (form, rank) per layer.
 
-:func:`allocate` minimises the sum of squared per-layer errors under a MAC
-budget, given each layer's error at every candidate rank. It upgrades, one step
-at a time, the layer whose next option buys the most error reduction per MAC.
-A layer may stay unconverted (rank ``None``) where that is the best use of the
-budget, or where every rank would cost as much as the original conv.
+Each convertible conv gets a list of :class:`Option` s: every (form, rank) that
+costs less than the original, with its cost and its error (the relative weight
+error, or with calibration data the estimated relative output error), plus the
+option of keeping the original conv at error 0. Only Pareto-efficient options
+are kept: more cost must buy less error.
+
+* :func:`allocate` minimises the summed squared error under a total cost. It
+  starts every layer at its cheapest option, then repeatedly takes the upgrade
+  with the best error reduction per added cost that still fits; an upgrade may
+  jump several options, to another form, or back to the original conv.
+* :func:`within_tolerance` takes, per layer, the cheapest option whose error is
+  at most the tolerance.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .costs import Geometry, conv_macs, form_macs
+from .costs import Geometry, conv_macs, conv_params, form_macs, form_params
 from .factorize import KernelShape
+
+COST_MEASURES = ("macs", "params")
 
 
 class BudgetError(ValueError):
-    """The MAC budget cannot be met by any choice of ranks."""
+    """The budget cannot be met by any choice of ranks."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to treat a conv: a form at a rank, or (``form=None``) keep it."""
+
+    form: str | None
+    rank: int | None
+    cost: int
+    error: float
+
+    @property
+    def keeps_original(self) -> bool:
+        return self.form is None
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """The MAC cost of one convertible conv as a function of rank."""
+    """The cost of one convertible conv, before and after, in MACs or parameters."""
 
     name: str
-    form: str
     shape: KernelShape
     geometry: Geometry
-    full_rank: int
+    bias: bool
 
-    @property
-    def original_macs(self) -> int:
+    def original(self, on: str = "macs") -> int:
+        if on == "params":
+            return conv_params(self.shape, self.bias)
         return conv_macs(self.shape, self.geometry)
 
-    def macs(self, rank: int) -> int:
-        return form_macs(self.form, self.shape, rank, self.geometry)
+    def cost(self, form: str, rank: int, on: str = "macs") -> int:
+        if on == "params":
+            return form_params(form, self.shape, rank, self.bias)
+        return form_macs(form, self.shape, rank, self.geometry)
 
-    def max_useful_rank(self) -> int:
-        """The highest rank that still costs less than the original (0 if none does)."""
-        per_rank = self.macs(1)
-        if per_rank >= self.original_macs:
+    def max_useful_rank(self, form: str, full_rank: int, on: str = "macs") -> int:
+        """The highest rank of ``form`` that costs less than the original (0 if none)."""
+        fixed = self.cost(form, 1, on) - self.cost(form, 2, on) + self.cost(form, 1, on)
+        per_rank = self.cost(form, 1, on) - fixed
+        if fixed + per_rank >= self.original(on):
             return 0
-        return min(self.full_rank, math.ceil(self.original_macs / per_rank) - 1)
-
-    def rank_for(self, macs: float) -> int | None:
-        """The highest useful rank whose cost is at most ``macs`` (``None``: keep the conv)."""
-        top = self.max_useful_rank()
-        if top == 0:
-            return None
-        return max(1, min(top, int(macs // self.macs(1))))
+        return min(full_rank, math.ceil((self.original(on) - fixed) / per_rank) - 1)
 
 
-def minimum_macs(layers: Sequence[LayerCost]) -> int:
-    """The fewest MACs these layers can cost: each at rank 1 or, if cheaper, unchanged."""
-    return sum(min(layer.macs(1), layer.original_macs) for layer in layers)
-
-
-def _cost(layer: LayerCost, rank: int | None) -> int:
-    return layer.original_macs if rank is None else layer.macs(rank)
-
-
-def _check_reachable(layers: Sequence[LayerCost], target: float) -> None:
-    lowest = minimum_macs(layers)
-    if target < lowest:
-        raise BudgetError(
-            f"the convertible convs cannot cost fewer than {lowest} MACs, "
-            f"but the budget leaves them {int(target)}"
-        )
-
-
-def allocate(
-    layers: Sequence[LayerCost],
-    errors: dict[str, Sequence[float]],
-    target: float,
-) -> dict[str, int | None]:
-    """Ranks that minimise ``sum(error**2)`` with total MACs at most ``target``.
+def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
+                on: str = "macs") -> list[Option]:
+    """The Pareto-efficient options of a layer, cheapest first, ending with keeping it.
 
     Args:
-        layers: the convertible convs.
-        errors: per layer name, the error at rank 1, 2, ... (index ``r - 1``);
-            keeping the original conv has error 0.
-        target: the MACs the layers may cost together.
-
-    Each layer starts at rank 1 (or unchanged where no rank is cheaper), then the
-    upgrade with the best error reduction per added MAC that still fits is taken,
-    until none fits. An upgrade may jump several ranks, or to the original conv.
+        layer: the conv's cost model.
+        curves: per form, the error at rank 1, 2, ... (index ``r - 1``), listed
+            up to the highest useful rank.
+        on: ``"macs"`` or ``"params"``.
     """
-    _check_reachable(layers, target)
+    candidates = [
+        Option(form, rank, layer.cost(form, rank, on), float(error))
+        for form, errors in curves.items()
+        for rank, error in enumerate(errors, start=1)
+    ]
+    candidates.sort(key=lambda o: (o.cost, o.error))
+    options, best = [], math.inf
+    for option in candidates:
+        if option.error < best:
+            options.append(option)
+            best = option.error
+    options.append(Option(None, None, layer.original(on), 0.0))
+    return options
 
-    # options[i]: (cost, squared error) in increasing cost; last is the original conv
-    options: list[list[tuple[int, float, int | None]]] = []
-    for la in layers:
-        top = la.max_useful_rank()
-        opts = [(la.macs(r), float(errors[la.name][r - 1]) ** 2, r) for r in range(1, top + 1)]
-        opts.append((la.original_macs, 0.0, None))
-        options.append(opts)
 
-    position = [0] * len(layers)
-    spent = sum(opts[0][0] for opts in options)
+def minimum_cost(options: Mapping[str, Sequence[Option]]) -> int:
+    """The least total cost: every layer at its cheapest option."""
+    return sum(opts[0].cost for opts in options.values())
 
-    def best_jump(i: int, room: float) -> tuple[float, int] | None:
-        cost0, err0, _ = options[i][position[i]]
+
+def allocate(options: Mapping[str, Sequence[Option]], room: float) -> dict[str, Option]:
+    """Options minimising ``sum(error**2)`` with total cost at most ``room``.
+
+    Raises:
+        BudgetError: when even the cheapest options cost more than ``room``.
+    """
+    lowest = minimum_cost(options)
+    if room < lowest:
+        raise BudgetError(
+            f"the convertible convs cannot cost less than {lowest}, but the budget leaves "
+            f"them {int(room)}"
+        )
+    names = list(options)
+    position = {name: 0 for name in names}
+    spent = lowest
+
+    def best_jump(name: str, free: float) -> tuple[float, int] | None:
+        opts = options[name]
+        here = opts[position[name]]
         best = None
-        for j in range(position[i] + 1, len(options[i])):
-            cost, err, _ = options[i][j]
-            extra = cost - cost0
-            if extra > room or err >= err0:
+        for j in range(position[name] + 1, len(opts)):
+            extra = opts[j].cost - here.cost
+            if extra > free or opts[j].error >= here.error:
                 continue
-            gain = (err0 - err) / max(extra, 1)
+            gain = (here.error ** 2 - opts[j].error ** 2) / max(extra, 1)
             if best is None or gain > best[0]:
                 best = (gain, j)
         return best
 
-    heap = []
-    for i in range(len(layers)):
-        jump = best_jump(i, target - spent)
+    heap: list[tuple[float, int, int]] = []
+
+    def push(index: int) -> None:
+        jump = best_jump(names[index], room - spent)
         if jump:
-            heapq.heappush(heap, (-jump[0], i, jump[1]))
+            heapq.heappush(heap, (-jump[0], index, jump[1]))
+
+    for index in range(len(names)):
+        push(index)
     while heap:
-        _, i, j = heapq.heappop(heap)
-        room = target - spent
-        extra = options[i][j][0] - options[i][position[i]][0]
-        if extra > room:
-            # No longer fits: look again for this layer within the room left.
-            jump = best_jump(i, room)
-            if jump:
-                heapq.heappush(heap, (-jump[0], i, jump[1]))
-            continue
-        position[i] = j
-        spent += extra
-        jump = best_jump(i, target - spent)
-        if jump:
-            heapq.heappush(heap, (-jump[0], i, jump[1]))
-    return {la.name: options[i][position[i]][2] for i, la in enumerate(layers)}
+        _, index, j = heapq.heappop(heap)
+        name = names[index]
+        extra = options[name][j].cost - options[name][position[name]].cost
+        if extra <= room - spent:
+            position[name] = j
+            spent += extra
+        push(index)  # look again from the new position, or within the smaller room
+    return {name: options[name][position[name]] for name in names}
+
+
+def within_tolerance(options: Sequence[Option], tolerance: float) -> Option:
+    """The cheapest option whose error is at most ``tolerance`` (keeping the conv if none)."""
+    for option in options:
+        if option.error <= tolerance:
+            return option
+    return options[-1]
+
+
+def within_own_budget(options: Sequence[Option], fraction: float) -> Option:
+    """The least-error option costing at most ``fraction`` of the original conv.
+
+    Used when there is no example input: without spatial sizes, layers cannot
+    share a budget, so each keeps its own fraction.
+    """
+    limit = fraction * options[-1].cost
+    fitting = [o for o in options if o.cost <= limit]
+    return min(fitting, key=lambda o: o.error) if fitting else options[0]

@@ -28,6 +28,10 @@ class LayerRecord:
             conversion had no example input).
         params_before / params_after: parameters, bias included.
         weight_error: relative kernel error ``||W - W_r|| / ||W||``.
+        output_error: relative error of the layer's output on the calibration
+            data, ``||y_converted - y_original|| / ||y_original||``, measured after
+            the refit on the inputs the converted network produces (``None``
+            without calibration data).
         reason: why the layer was skipped, or a note on its conversion.
     """
 
@@ -42,6 +46,7 @@ class LayerRecord:
     full_rank: int | None = None
     requested_rank: int | None = None
     weight_error: float | None = None
+    output_error: float | None = None
     reason: str = ""
 
     @property
@@ -107,10 +112,14 @@ class ConversionReport:
                 _count(r.params_before),
                 _count(r.params_after if r.converted else r.params_before),
                 "" if r.weight_error is None else f"{r.weight_error:.3f}",
+                "" if r.output_error is None else f"{r.output_error:.3f}",
                 r.reason,
             ])
         headers = ["layer", "form", "rank", "MACs", "MACs after", "params", "params after",
-                   "weight err", "note"]
+                   "weight err", "output err", "note"]
+        if all(r.output_error is None for r in self.layers):
+            headers.remove("output err")
+            rows = [row[:8] + row[9:] for row in rows]
         return tabulate(rows, headers=headers, disable_numparse=True)
 
     def summary(self) -> str:

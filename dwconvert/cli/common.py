@@ -128,6 +128,8 @@ def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
                 or out.resolve() == Path(source).resolve():
             raise CLIError(f"output {output!r} is the input file; choose another path",
                            EXIT_USAGE)
+    if out.is_dir():
+        raise CLIError(f"output {output!r} is a folder; give the path of a file", EXIT_USAGE)
     if out.exists() and not force:
         raise CLIError(f"output {output!r} exists; pass --force to replace it", EXIT_USAGE)
     if not out.parent.exists():

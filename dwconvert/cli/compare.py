@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from tabulate import tabulate
 
 from ..checkpoint import CheckpointError, is_converted_checkpoint, load, read_recipe
@@ -56,6 +57,18 @@ def _load_pair(args):
     return original, converted
 
 
+def _check_accepts(label: str, model, images, data: str) -> None:
+    """Data whose images the model cannot take is unusable input, not a bug."""
+    try:
+        with torch.no_grad():
+            model(images)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        shape = "x".join(map(str, images.shape[1:]))
+        raise CLIError(f"the {label} model rejects the {shape} images of {data!r} ({first}); "
+                       "give data of the shape the model was trained on") from None
+
+
 def run(args: argparse.Namespace) -> int:
     original, converted = _load_pair(args)
     try:
@@ -65,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     except DataSpecError as err:
         raise CLIError(str(err)) from None
 
+    for label, model in (("original", original), ("converted", converted)):
+        _check_accepts(label, model, images[:1], args.data)
     comparison = compare_models(original, converted, loader)
     example = (images[:1],)
     rows = []
