@@ -168,12 +168,13 @@ def collect_stats(model: nn.Module, names: list[str],
 
 def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
     was_training = model.training
+    device, dtype = _device_dtype(model)
     model.eval()
     try:
         with torch.no_grad():
             for x in batches:
                 try:
-                    model(x.to(_device_dtype(model)[0]).to(_device_dtype(model)[1]))
+                    model(x.to(device=device, dtype=dtype))
                 except _Stop:
                     pass
     finally:
@@ -278,9 +279,8 @@ class _NormalEquations:
         w = coef[:, :-1] if has_bias else coef
         weight = w.transpose(1, 2).reshape(last.weight.shape)
         with torch.no_grad():
-            fmt = (torch.channels_last if last.weight.is_contiguous(memory_format=torch.channels_last)
-                   and not last.weight.is_contiguous() else torch.contiguous_format)
-            last.weight.copy_(weight.to(last.weight.dtype).contiguous(memory_format=fmt))
+            # copy_ keeps the parameter's own strides, so its memory format survives.
+            last.weight.copy_(weight.to(last.weight.dtype))
             if has_bias:
                 last.bias.copy_(coef[:, -1].reshape(n).to(last.bias.dtype))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from fnmatch import fnmatch
 from typing import Any, Union
@@ -36,6 +37,7 @@ Rank = Union[int, str]
 
 DEFAULT_BUDGET = 0.5
 AUTO = "auto"
+BUDGET_SCOPES = ("model", "convertible")
 
 
 def convert(
@@ -46,6 +48,7 @@ def convert(
     budget: float | None = None,
     tolerance: float | None = None,
     budget_on: str = "macs",
+    budget_scope: str = "model",
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     calibration: Any = None,
     calib_samples: int | None = 512,
@@ -53,6 +56,7 @@ def convert(
     exclude: Sequence[str] = (),
     inplace: bool = False,
     cp_iters: int = 100,
+    cp_size_limit: float = 2e8,
     seed: int = 0,
 ) -> nn.Module:
     """Replace the standard convs of ``model`` by depthwise + pointwise factorizations.
@@ -79,6 +83,9 @@ def convert(
             (its output error on the calibration data, or its weight error without
             calibration); each conv gets the cheapest form and rank within it.
         budget_on: what the budget counts: ``"macs"`` or ``"params"``.
+        budget_scope: ``"model"`` (the budget is a fraction of the whole model's
+            cost) or ``"convertible"`` (a fraction of the cost of the convs that
+            can be converted, leaving out 1x1 and depthwise convs and the rest).
         example_inputs: a batch (or tuple of forward arguments) at which MACs are
             measured, e.g. ``torch.randn(1, 3, 224, 224)``.
         calibration: images that make the conversion data-aware: a tensor batch,
@@ -92,6 +99,9 @@ def convert(
         exclude: qualified names or glob patterns (``"layer4.*"``) of convs to keep.
         inplace: convert ``model`` itself instead of a copy.
         cp_iters: ALS iterations for the ``cp`` form.
+        cp_size_limit: with ``form="auto"``, ``cp`` is not tried for a conv whose
+            kernel size times CP rank exceeds this, because its ALS would take
+            minutes; such convs choose between the SVD forms.
         seed: seed of the CP initialisation.
 
     Returns:
@@ -103,12 +113,14 @@ def convert(
             NaN or Inf weights; :class:`~dwconvert.ranks.BudgetError` (a
             ``ValueError``) for a budget below what the model can reach.
     """
-    forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on)
+    forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
+                                           budget_scope)
     if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     batches = None
     if calibration is not None:
         batches = calibrate.as_batches(calibration, calib_samples)
+    params_before = sum(p.numel() for p in model.parameters())
     target = model if inplace else copy.deepcopy(model)
     reference = copy.deepcopy(model) if inplace and batches is not None else model
 
@@ -129,7 +141,10 @@ def convert(
         reason = _skip_reason(name, conv, exclude)
         if reason:
             records[name].reason = reason
-            logger.warning("skipping %s: %s", name, reason)
+            # 1x1 and depthwise convs are expected; other skips deserve attention.
+            expected = reason.startswith(("1x1", "already depthwise"))
+            logger.log(logging.INFO if expected else logging.WARNING, "skipping %s: %s",
+                       name, reason)
             continue
         if not torch.isfinite(conv.weight).all():
             raise ValueError(
@@ -137,6 +152,7 @@ def convert(
                 f"exclude=[{name!r}] to leave it unconverted"
             )
         layers[name] = layer
+        records[name].convertible = True
 
     # 3. Statistics of each conv's input, for data-aware factorization.
     whitening: dict[str, Whitening] = {}
@@ -148,20 +164,21 @@ def convert(
 
     # 4. Choose a form and rank per conv.
     model_params = sum(p.numel() for p in target.parameters())
-    choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on, before,
-                     model_params, whitening, seed)
+    choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on, budget_scope,
+                     before, model_params, whitening, seed, cp_size_limit)
 
     # 5. Factorize and swap in the new modules.
     converted = []
     for name, option in choice.items():
         record, conv = records[name], convs[name]
+        if isinstance(rank, int) and rank > _full_rank(forms[0], layers[name]):
+            record.requested_rank = rank
+            record.full_rank = _full_rank(forms[0], layers[name])
         if option.keeps_original:
-            record.reason = _keep_reason(layers[name], forms, budget_on, tolerance)
+            record.reason = _keep_reason(layers[name], forms, rank, budget_on, tolerance)
             continue
         _convert_layer(target, name, sites, conv, layers[name], option, record,
                        whitening.get(name), cp_iters=cp_iters, seed=seed)
-        if isinstance(rank, int) and rank > record.full_rank:
-            record.requested_rank = rank
         converted.append(name)
 
     # 6. Refit on calibration data, layer by layer in forward order.
@@ -175,16 +192,20 @@ def convert(
 
     # 7. Measure again and report.
     after = measure(target, example_inputs) if example_inputs is not None else None
-    report = _report(target, sites, records, before, after, budget, model, notes)
+    report = _report(target, sites, records, before, after, budget, params_before, notes)
     target.dwconvert_report = report
     return target
 
 
-def _check_arguments(form, rank, budget, tolerance, budget_on):
+def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope):
     if form != AUTO and form not in FORMS:
         raise ValueError(f"unknown form {form!r}: expected one of auto, {', '.join(FORMS)}")
     if budget_on not in COST_MEASURES:
         raise ValueError(f"budget_on must be one of {', '.join(COST_MEASURES)}, got {budget_on!r}")
+    if budget_scope not in BUDGET_SCOPES:
+        raise ValueError(
+            f"budget_scope must be one of {', '.join(BUDGET_SCOPES)}, got {budget_scope!r}"
+        )
     given = [n for n, v in (("rank", rank), ("budget", budget), ("tolerance", tolerance))
              if v is not None]
     if len(given) > 1:
@@ -232,7 +253,12 @@ def _skip_reason(name: str, conv: nn.Conv2d, exclude: Sequence[str]) -> str:
     return ""
 
 
-def _keep_reason(layer: LayerCost, forms, budget_on, tolerance) -> str:
+def _keep_reason(layer: LayerCost, forms, rank, budget_on, tolerance) -> str:
+    if rank is not None:
+        form = forms[0]
+        r = min(rank, _full_rank(form, layer))
+        return (f"{form} at rank {r} would cost {layer.cost(form, r)} MACs, not fewer than "
+                f"the original {layer.original()}")
     useful = any(layer.max_useful_rank(f, _full_rank(f, layer), budget_on) for f in forms)
     if not useful:
         return f"{' / '.join(forms)} at any rank costs as much as the original"
@@ -245,8 +271,8 @@ def _full_rank(form: str, layer: LayerCost) -> int:
     return factorize.full_rank(form, layer.shape)
 
 
-def _choose(layers, convs, forms, rank, budget, tolerance, on, before, model_params,
-            whitening, seed) -> dict[str, Option]:
+def _choose(layers, convs, forms, rank, budget, tolerance, on, scope, before, model_params,
+            whitening, seed, cp_size_limit) -> dict[str, Option]:
     """One option per convertible conv, from a rank, a budget or a tolerance."""
     if rank is not None:
         form = forms[0]
@@ -260,35 +286,68 @@ def _choose(layers, convs, forms, rank, budget, tolerance, on, before, model_par
             chosen[name] = option
         return chosen
 
-    options = {name: _options(layer, convs[name], forms, on, whitening.get(name), seed)
+    # The total the budget is a fraction of (None: no common scale across layers).
+    total = model_params if on == "params" else before.macs if before is not None else None
+    if scope == "convertible" and total is not None:
+        total = sum(layer.original(on) for layer in layers.values())
+    if budget is not None and total is not None:
+        _check_reachable(layers, forms, budget, on, total)
+    options = {name: _options(layer, convs[name], forms, on, budget, whitening.get(name),
+                              seed, cp_size_limit)
                for name, layer in layers.items()}
     if tolerance is not None:
         return {name: ranks.within_tolerance(opts, tolerance) for name, opts in options.items()}
-    if on == "params":
-        total = model_params
-    elif before is None:
+    if total is None:
         return {name: ranks.within_own_budget(opts, budget) for name, opts in options.items()}
-    else:
-        total = before.macs
     convertible = sum(layer.original(on) for layer in layers.values())
     room = budget * total - (total - convertible)
-    try:
-        return ranks.allocate(options, room)
-    except ranks.BudgetError as err:
-        lowest = (total - convertible + ranks.minimum_cost(options)) / total
+    return ranks.allocate(options, room)
+
+
+def _check_reachable(layers, forms, budget, on, total) -> None:
+    """Fail early, before any decomposition, if the budget is out of reach."""
+    if budget is None:
+        return
+    lowest = total
+    for layer in layers.values():
+        useful = [layer.cost(f, 1, on) for f in forms
+                  if layer.max_useful_rank(f, _full_rank(f, layer), on)]
+        lowest -= layer.original(on) - min(useful, default=layer.original(on))
+    if budget * total < lowest:
         raise ranks.BudgetError(
-            f"budget {budget:g} is below what this model can reach: {err}; the lowest "
-            f"reachable budget is {lowest:.4f} (the rest is in layers that are not converted)"
-        ) from None
+            f"budget {budget:g} is below what this model can reach: the lowest reachable "
+            f"budget is {lowest / total:.4f} (every convertible conv at rank 1 of its "
+            f"cheapest form; the rest is in layers that are not converted)",
+            minimum=lowest / total,
+        )
 
 
-def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, whitening, seed) -> list[Option]:
+def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, seed,
+             cp_size_limit) -> list[Option]:
     curves = {}
     for form in forms:
         top = layer.max_useful_rank(form, _full_rank(form, layer), on)
+        cp_ranks = None
+        if form == "cp" and top:
+            cp_ranks = _cp_ranks(layer, top, on, budget)
+            size = conv.weight.numel() * max(cp_ranks)
+            if len(forms) > 1 and size > cp_size_limit:
+                logger.info("not trying cp for %s: ALS at rank %d would be slow (size %.2g "
+                            "> cp_size_limit %.2g)", layer.name, max(cp_ranks), size,
+                            cp_size_limit)
+                continue
         curves[form] = factorize.error_curve(form, conv.weight, conv.groups, top, seed=seed,
-                                             whitening=whitening)
+                                             whitening=whitening, cp_ranks=cp_ranks)
     return ranks.options_for(layer, curves, on)
+
+
+def _cp_ranks(layer: LayerCost, top: int, on: str, budget: float | None) -> list[int]:
+    """The CP ranks worth measuring: around the budget if there is one, else spread out."""
+    if budget is None:
+        return [round(top ** (i / 3)) for i in range(4)]
+    per_rank = layer.cost("cp", 2, on) - layer.cost("cp", 1, on)
+    fractions = (budget / 3, budget, min(3 * budget, 1.0))
+    return sorted({max(1, min(top, int(f * layer.original(on) / per_rank))) for f in fractions})
 
 
 def _convert_layer(target, name, sites, conv, layer, option, record, whitening, **options):
@@ -313,14 +372,14 @@ def _convert_layer(target, name, sites, conv, layer, option, record, whitening, 
                 decomposition.rank, record.full_rank, record.weight_error)
 
 
-def _report(target, sites: ConvSites, records, before, after, budget, original, notes):
+def _report(target, sites: ConvSites, records, before, after, budget, params_before, notes):
     for name in sites.unused:
         records[name] = LayerRecord(name=name, status="skipped", macs_before=0,
                                     params_before=0, reason="never called by forward")
     report = ConversionReport(
         layers=list(records.values()),
         traced=sites.traced,
-        params_before=sum(p.numel() for p in original.parameters()),
+        params_before=params_before,
         params_after=sum(p.numel() for p in target.parameters()),
         macs_before=before.macs if before else None,
         macs_after=after.macs if after else None,
@@ -330,8 +389,10 @@ def _report(target, sites: ConvSites, records, before, after, budget, original, 
     if not sites.traced:
         report.notes.append(f"not traceable ({sites.trace_error}): modules replaced in place")
     if not report.converted and report.layers:
-        report.notes.append("no conv was converted: see the note of each layer")
-        logger.warning("no conv of %s was converted", type(original).__name__)
+        reasons = Counter(r.reason for r in report.layers)
+        why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+        report.notes.append(f"no conv was converted: {why}")
+        logger.warning("no conv of %s was converted: %s", type(target).__name__, why)
     if not report.layers:
         report.notes.append("the model has no nn.Conv2d")
     if before is None:

@@ -146,7 +146,10 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _predict(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Returns the top-1 class index per image."""
+    """Returns the top-1 class index per image (inputs cast to the model's precision)."""
+    param = next(model.parameters(), None)
+    if param is not None and param.is_floating_point() and inputs.is_floating_point():
+        inputs = inputs.to(param.dtype)
     logits = model(inputs)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

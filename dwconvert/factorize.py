@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -468,14 +469,15 @@ def svd_truncation_errors(form: str, weight: torch.Tensor, groups: int,
 
 
 def error_curve(form: str, weight: torch.Tensor, groups: int, max_rank: int, *,
-                grid: int = 8, cp_iters: int = 25, seed: int = 0,
+                cp_ranks: Sequence[int] | None = None, cp_iters: int = 10, seed: int = 0,
                 whitening: Whitening | None = None) -> list[float]:
     """Relative error at every rank ``1..max_rank`` (index ``r - 1``).
 
     The weight error, or with ``whitening`` the estimated output error. Exact for
-    the SVD forms. For ``cp`` the error is measured at about ``grid`` ranks spaced
-    geometrically (with ``cp_iters`` ALS iterations each, fewer than a final
-    decomposition uses) and interpolated in between.
+    the SVD forms. For ``cp`` the error is measured only at ``cp_ranks`` (four
+    geometrically spaced ranks by default), with ``cp_iters`` ALS iterations each,
+    and interpolated linearly in between, from error 1 at rank 0 to error 0 at
+    the full rank: ALS is the expensive step of a conversion.
     """
     if max_rank < 1:
         return []
@@ -486,7 +488,9 @@ def error_curve(form: str, weight: torch.Tensor, groups: int, max_rank: int, *,
         errors = svd_truncation_errors(form, weight, groups, whitening)
         return [float(errors[min(r, len(errors)) - 1]) for r in range(1, max_rank + 1)]
 
-    points = sorted({round(max_rank ** (i / max(grid - 1, 1))) for i in range(grid)})
+    if cp_ranks is None:
+        cp_ranks = [round(max_rank ** (i / 3)) for i in range(4)]
+    points = sorted({min(max(1, int(r)), max_rank) for r in cp_ranks})
     measured = []
     for rank in points:
         _, sq_error, norm2 = _cp(weight, groups, rank, cp_iters, 1e-6, seed, whitening)
@@ -494,7 +498,9 @@ def error_curve(form: str, weight: torch.Tensor, groups: int, max_rank: int, *,
     # Keep the curve non-increasing: ALS from a different start can do worse at a higher rank.
     for i in range(1, len(measured)):
         measured[i] = min(measured[i], measured[i - 1])
-    return [_interpolate(points, measured, r) for r in range(1, max_rank + 1)]
+    full = full_rank("cp", KernelShape.of(weight, groups))
+    xs, ys = [0, *points, max(full, points[-1] + 1)], [1.0, *measured, 0.0]
+    return [_interpolate(xs, ys, r) for r in range(1, max_rank + 1)]
 
 
 def _interpolate(xs: list[int], ys: list[float], x: int) -> float:

@@ -41,6 +41,13 @@ class ConvSites:
     trace_error: str | None = None
 
 
+class _ConvLeafTracer(torch.fx.Tracer):
+    """fx's tracer, but every ``nn.Conv2d`` (subclasses too) is a leaf call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _conv_names_by_module(model: nn.Module) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -59,7 +66,7 @@ def find_convs(model: nn.Module) -> ConvSites:
         )
 
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = _ConvLeafTracer().trace(model)
     except Exception as err:  # any failure to trace means: use the fallback
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         logger.warning(

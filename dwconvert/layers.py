@@ -38,13 +38,24 @@ def conv_spec(conv: nn.Conv2d) -> dict[str, Any]:
     }
 
 
+def _canonical_strides(shape, channels_last: bool) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+
+
 def _is_channels_last(weight: torch.Tensor) -> bool:
-    # Size-1 dims make is_contiguous() ambiguous; the strides themselves are not.
+    # Size-1 dims make is_contiguous() ambiguous, and .contiguous() then keeps the
+    # strides as they are; compare with the canonical strides of each format.
     strides = weight.stride()
-    return (
-        strides == weight.contiguous(memory_format=torch.channels_last).stride()
-        and strides != weight.contiguous().stride()
-    )
+    return (strides == _canonical_strides(weight.shape, True)
+            and strides != _canonical_strides(weight.shape, False))
+
+
+def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with the canonical channels_last strides, even for size-1 dims."""
+    out = torch.empty_strided(t.shape, _canonical_strides(t.shape, True), dtype=t.dtype,
+                              device=t.device)
+    return out.copy_(t)
 
 
 class FactorizedConv2d(nn.Module):
@@ -56,9 +67,12 @@ class FactorizedConv2d(nn.Module):
 
     form: str = ""
 
-    def __init__(self, rank: int, **conv_args: Any) -> None:
+    def __init__(self, rank: int, *, channels_last: bool = False, **conv_args: Any) -> None:
         super().__init__()
         self.rank = rank
+        # A conv with channels_last weights returns channels_last outputs whatever its
+        # input; the 1x1 and depthwise weights of a chain cannot say so by their strides.
+        self.channels_last = channels_last
         self.conv_args = dict(conv_args)
         self.in_channels = conv_args["in_channels"]
         self.out_channels = conv_args["out_channels"]
@@ -68,7 +82,10 @@ class FactorizedConv2d(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """What is needed to rebuild this module empty: form, rank and conv arguments."""
-        return {"form": self.form, "rank": self.rank, "conv": dict(self.conv_args)}
+        spec = {"form": self.form, "rank": self.rank, "conv": dict(self.conv_args)}
+        if self.channels_last:
+            spec["channels_last"] = True
+        return spec
 
     def _spatial(self, in_channels, out_channels, groups, bias, device, dtype) -> nn.Conv2d:
         a = self.conv_args
@@ -98,6 +115,8 @@ class FactorizedConv2d(nn.Module):
         return list(self.children())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for layer in self.children():
             x = layer(x)
         return x
@@ -114,7 +133,7 @@ class FactorizedConv2d(nn.Module):
                 assert layer.weight.shape == w.shape, (layer.weight.shape, w.shape)
                 value = w.to(dtype=layer.weight.dtype, device=layer.weight.device)
                 if channels_last:
-                    value = value.contiguous(memory_format=torch.channels_last)
+                    value = _as_channels_last(value)
                 layer.weight = nn.Parameter(value, requires_grad=conv.weight.requires_grad)
             if conv.bias is not None:
                 layers[-1].bias.copy_(conv.bias)
@@ -144,6 +163,7 @@ class FactorizedConv2d(nn.Module):
         return cls(
             rank,
             **conv_spec(conv),
+            channels_last=_is_channels_last(conv.weight),
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
@@ -158,8 +178,9 @@ class DwPwConv2d(FactorizedConv2d):
 
     form = "dw-pw"
 
-    def __init__(self, rank: int, *, device=None, dtype=None, **conv_args: Any) -> None:
-        super().__init__(rank, **conv_args)
+    def __init__(self, rank: int, *, channels_last: bool = False, device=None, dtype=None,
+                 **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
         bias = conv_args["bias"]
         self.conv_dw = self._spatial(m, m * rank, m, False, device, dtype)
@@ -177,8 +198,9 @@ class PwDwConv2d(FactorizedConv2d):
 
     form = "pw-dw"
 
-    def __init__(self, rank: int, *, device=None, dtype=None, **conv_args: Any) -> None:
-        super().__init__(rank, **conv_args)
+    def __init__(self, rank: int, *, channels_last: bool = False, device=None, dtype=None,
+                 **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
         bias = conv_args["bias"]
         self.conv_pw = self._pointwise(m, n * rank, g, False, device, dtype)
@@ -196,8 +218,9 @@ class CPConv2d(FactorizedConv2d):
 
     form = "cp"
 
-    def __init__(self, rank: int, *, device=None, dtype=None, **conv_args: Any) -> None:
-        super().__init__(rank, **conv_args)
+    def __init__(self, rank: int, *, channels_last: bool = False, device=None, dtype=None,
+                 **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
         bias = conv_args["bias"]
         width = g * rank
@@ -215,4 +238,5 @@ FORM_CLASSES: dict[str, type[FactorizedConv2d]] = {
 def build_empty(spec: dict[str, Any], *, device=None, dtype=None) -> FactorizedConv2d:
     """Rebuild an unfilled module from :meth:`FactorizedConv2d.spec`."""
     cls = FORM_CLASSES[spec["form"]]
-    return cls(spec["rank"], device=device, dtype=dtype, **spec["conv"])
+    return cls(spec["rank"], channels_last=spec.get("channels_last", False), device=device,
+               dtype=dtype, **spec["conv"])

@@ -28,7 +28,14 @@ COST_MEASURES = ("macs", "params")
 
 
 class BudgetError(ValueError):
-    """The budget cannot be met by any choice of ranks."""
+    """The budget cannot be met by any choice of ranks.
+
+    ``minimum`` is the lowest reachable budget, when known.
+    """
+
+    def __init__(self, message: str, minimum: float | None = None) -> None:
+        super().__init__(message)
+        self.minimum = minimum
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class LayerRecord:
             the refit on the inputs the converted network produces (``None``
             without calibration data).
         reason: why the layer was skipped, or a note on its conversion.
+        convertible: whether the conv could be converted at all (not 1x1, not
+            depthwise, not excluded); a convertible conv may still be kept.
     """
 
     name: str
@@ -48,6 +50,7 @@ class LayerRecord:
     weight_error: float | None = None
     output_error: float | None = None
     reason: str = ""
+    convertible: bool = False
 
     @property
     def converted(self) -> bool:
@@ -87,12 +90,22 @@ class ConversionReport:
         return self.macs_after / self.macs_before
 
     @property
+    def conv_mac_ratio(self) -> float | None:
+        """MACs after / before of the convertible convs alone."""
+        chosen = [r for r in self.layers if r.convertible]
+        before = sum(r.macs_before for r in chosen)
+        if not before:
+            return None
+        return sum(r.macs_after if r.converted else r.macs_before for r in chosen) / before
+
+    @property
     def param_ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mac_ratio"] = self.mac_ratio
+        data["conv_mac_ratio"] = self.conv_mac_ratio
         data["param_ratio"] = self.param_ratio
         return data
 

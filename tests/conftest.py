@@ -48,9 +48,11 @@ class ConvCase:
         torch.manual_seed(seed)
         return nn.Conv2d(*self.args, **self.kwargs, dtype=dtype).eval()
 
-    def input(self, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
+    def input(self, dtype: torch.dtype = torch.float64, seed: int = 1,
+              batch: int | None = None) -> torch.Tensor:
+        shape = self.input_shape if batch is None else (batch, *self.input_shape[1:])
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(self.input_shape, generator=generator, dtype=dtype)
+        return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 CONV_CASES = [
@@ -175,6 +177,12 @@ def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
         for handle in handles:
             handle.remove()
     return total
+
+
+def original_macs(conv: nn.Conv2d, hw_out: int) -> int:
+    """MACs per image of a standard conv: ``Hout*Wout * N * Mg * kh*kw``."""
+    kh, kw = conv.kernel_size
+    return hw_out * conv.out_channels * conv.in_channels // conv.groups * kh * kw
 
 
 def closed_form_macs(form: str, conv: nn.Conv2d, rank: int, hw_in: int, hw_out: int) -> int:

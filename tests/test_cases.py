@@ -117,15 +117,16 @@ def test_c04_rank_bounds_are_the_min_of_both_sides(case, form):
     assert record.full_rank == record.rank == exact_rank(form, conv), record
 
 
-DEPTHWISE = [nn.Conv2d(8, 64, 3, groups=8), nn.Conv2d(32, 32, 3, groups=32)]
-
-
-@pytest.mark.parametrize("conv", DEPTHWISE, ids=["multiplier-8", "multiplier-1"])
-def test_c05_depthwise_convs_are_skipped_with_the_reason(conv):
+@pytest.mark.parametrize("conv, word", [
+    (nn.Conv2d(8, 64, 3, groups=8), "depthwise"),
+    (nn.Conv2d(32, 32, 3, groups=32), "depthwise"),
+    (nn.Conv2d(16, 32, 1), "1x1"),
+], ids=["depthwise-multiplier-8", "depthwise-multiplier-1", "pointwise"])
+def test_c05_depthwise_and_pointwise_convs_are_skipped_with_the_reason(conv, word):
     model = nn.Sequential(conv)
     result = dwconvert.convert(model, form="cp", rank=4)
     (record,) = result.dwconvert_report.layers
-    assert record.status == "skipped" and "depthwise" in record.reason, record
+    assert record.status == "skipped" and word in record.reason, record
     assert type(result[0]) is nn.Conv2d
     assert torch.equal(result[0].weight, conv.weight)
 
@@ -311,6 +312,8 @@ def test_c11_nested_convs_found_by_type_and_counted():
     assert {r.name for r in report.layers} == NESTED
     assert {r.name for r in report.converted} == NESTED
     assert "converted 6 of 6 convs" in report.summary()
+    table = report.table()
+    assert all(name in table for name in NESTED), table
 
 
 def test_c11_zero_conversions_say_why(caplog):

@@ -411,8 +411,8 @@ def test_budget_below_reachable(tmp_path, capsys):
 
 def test_nothing_converted_writes_nothing(tmp_path, capsys):
     output = tmp_path / "o.safetensors"
-    code, out, err = _run(_compress(CNN_PATH, output, "--rank", "2", "--exclude", "conv_*"),
-                          capsys)
+    code, out, err = _run(_compress(CNN_PATH, output, "--form", "cp", "--rank", "2",
+                                    "--exclude", "conv_*"), capsys)
     assert code == EXIT_CONVERSION
     assert "nothing was written" in _assert_one_line_error(err)
     assert "excluded by the user" in out
@@ -568,7 +568,7 @@ def test_console_script_help_and_debug(tmp_path):
     sub = subprocess.run([str(script), "compress", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert sub.returncode == 0, sub.stderr
-    assert "example:" in sub.stdout
+    assert "examples:" in sub.stdout
     assert "dwconvert compress model.pth -o model-dw.safetensors" in sub.stdout
     assert "--budget" in sub.stdout and "--allow-pickle" in sub.stdout
 

@@ -22,6 +22,7 @@ from conftest import (
     convertible_names,
     count_macs,
     exact_rank,
+    original_macs,
     reconstruct_kernel,
     relative_frobenius,
 )
@@ -69,8 +70,8 @@ def small_net(dtype=torch.float64) -> SmallNet:
     return model.eval()
 
 
-def net_input(dtype=torch.float64, batch=1) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1),
+def net_input(dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1),
                        dtype=dtype)
 
 
@@ -90,23 +91,14 @@ def conv_pixels(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]
     return pixels
 
 
-def rank1_macs(form: str, conv: nn.Conv2d, hw_in: int, hw_out: int) -> int:
-    return closed_form_macs(form, conv, 1, hw_in, hw_out)
-
-
-def conv_macs(conv: nn.Conv2d, hw_out: int) -> int:
-    kh, kw = conv.kernel_size
-    return hw_out * conv.out_channels * conv.in_channels // conv.groups * kh * kw
-
-
 def lowest_reachable_budget(model: nn.Module, form: str, x: torch.Tensor) -> float:
     """Fixed MACs plus each convertible conv at its cheapest, over the model's MACs."""
     total, pixels = count_macs(model, x), conv_pixels(model, x)
     lowest = total
     for name in convertible_names(model):
         conv, (hw_in, hw_out) = model.get_submodule(name), pixels[name]
-        original = conv_macs(conv, hw_out)
-        lowest += min(rank1_macs(form, conv, hw_in, hw_out), original) - original
+        original = original_macs(conv, hw_out)
+        lowest += min(closed_form_macs(form, conv, 1, hw_in, hw_out), original) - original
     return lowest / total
 
 
@@ -197,7 +189,7 @@ def test_fixed_rank_records_match_formulas(form):
         record, conv = records(report)[name], model.get_submodule(name)
         hw_in, hw_out = pixels[name]
         macs = closed_form_macs(form, conv, 2, hw_in, hw_out)
-        assert record.macs_before == conv_macs(conv, hw_out)
+        assert record.macs_before == original_macs(conv, hw_out)
         if macs >= record.macs_before:  # e.g. pw-dw on the strided conv: no saving
             assert record.status == "skipped", record
             continue
@@ -336,7 +328,7 @@ def test_shared_conv_is_converted_once_and_stays_shared(form):
     assert len(report.layers) == 2 and len(report.converted) == 2
     assert result.block is result.alias and isinstance(result.block, FactorizedConv2d)
     (shared,) = [r for r in report.layers if r.name in ("block", "alias")]
-    assert shared.macs_before == 2 * conv_macs(model.block, 32 * 32), "two calls"
+    assert shared.macs_before == 2 * original_macs(model.block, 32 * 32), "two calls"
     assert report.macs_before == count_macs(model, x)
     with torch.no_grad():
         assert_close(result(x), model(x), 1e-10, f"shared conv, {form}")
@@ -371,7 +363,7 @@ def test_conv2d_subclass_is_skipped_with_its_own_reason():
     record = records(report)["0"]
     assert record.status == "skipped"
     assert "subclass" in record.reason, record
-    assert record.macs_before == conv_macs(model[0], 10 * 10), "the subclass conv runs"
+    assert record.macs_before == original_macs(model[0], 10 * 10), "the subclass conv runs"
 
 
 class UnusedConvNet(nn.Module):

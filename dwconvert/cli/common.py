@@ -78,13 +78,19 @@ def add_arch_options(parser: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
-def add_data_options(parser: argparse.ArgumentParser) -> None:
+def add_data_options(parser: argparse.ArgumentParser, evaluation: bool = True) -> None:
     parser.add_argument("--mean", type=parse_floats, default=None,
                         help="input normalisation mean per channel, e.g. 0.1307")
     parser.add_argument("--std", type=parse_floats, default=None,
                         help="input normalisation std per channel, e.g. 0.3081")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    if evaluation:
+        parser.add_argument("--limit", type=int, default=None,
+                            help="evaluate N images only")
+        parser.add_argument("--offset", type=int, default=0,
+                            help="skip the first N images (e.g. those used by --calib)")
+        parser.add_argument("--split", default="test", choices=("train", "test"),
+                            help="split of the data spec, where it has splits (default: test)")
+        parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
 
 
 def load_original(path: str, arch: str | None, arch_kwargs: dict | None,

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     original, converted = _load_pair(args)
     try:
         loader = make_loader(args.data, batch_size=args.batch_size, limit=args.limit,
-                             mean=args.mean, std=args.std)
+                             offset=args.offset, split=args.split, mean=args.mean,
+                             std=args.std)
         images = next(iter(loader))[0]
     except DataSpecError as err:
         raise CLIError(str(err)) from None

@@ -6,14 +6,16 @@ import argparse
 import logging
 
 from ..checkpoint import save
-from ..convert import convert
+from ..convert import BUDGET_SCOPES, convert
+from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
-from ..ranks import BudgetError
+from ..ranks import COST_MEASURES, BudgetError
 from .common import (
     EXIT_CONVERSION,
     EXIT_USAGE,
     CLIError,
     add_arch_options,
+    add_data_options,
     check_input_shape,
     check_output_path,
     load_original,
@@ -22,9 +24,12 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   dwconvert compress model.pth -o model-dw.safetensors \\
-      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --form cp --budget 0.25
+      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.25
+  dwconvert compress model.pth -o model-dw.safetensors \\
+      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \\
+      --calib mnist5k --calib-samples 512
 """
 
 
@@ -68,13 +73,31 @@ def add_parser(subparsers) -> None:
     add_arch_options(parser, required=False)
     parser.add_argument("--input-shape", type=parse_input_shape, required=True,
                         metavar="C,H,W", help="input shape at which MACs are measured")
-    parser.add_argument("--form", choices=FORMS, default="cp",
-                        help="factorized form (default: cp)")
+    parser.add_argument("--form", choices=("auto", *FORMS), default="auto",
+                        help="factorized form; auto chooses per conv (default: auto)")
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument("--rank", type=parse_rank, default=None,
-                        help="one rank for every conv, or 'full' (exact)")
+                        help="one rank for every conv, or 'full' (exact); needs --form")
     amount.add_argument("--budget", type=parse_budget, default=None,
-                        help="fraction of the model's MACs to keep, in (0, 1] (default 0.5)")
+                        help="fraction of the model's cost to keep, in (0, 1] (default 0.5)")
+    amount.add_argument("--tolerance", type=parse_tolerance, default=None,
+                        help="largest relative error per conv (output error with --calib); "
+                             "each conv gets the cheapest form and rank within it")
+    parser.add_argument("--budget-on", choices=COST_MEASURES, default="macs",
+                        help="what --budget counts (default: macs)")
+    parser.add_argument("--budget-scope", choices=BUDGET_SCOPES, default="model",
+                        help="--budget as a fraction of the whole model, or of the convs "
+                             "that can be converted (default: model)")
+    parser.add_argument("--calib", metavar="SPEC", default=None,
+                        help="calibration images (a data spec, e.g. mnist5k) that make the "
+                             "conversion data-aware; labels are not used")
+    parser.add_argument("--calib-samples", type=int, default=512, metavar="N",
+                        help="calibration images to use (default: 512)")
+    parser.add_argument("--calib-split", default="train", choices=("train", "test"),
+                        help="split of the calibration data spec (default: train)")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="re-estimate BatchNorm statistics on the calibration images")
+    add_data_options(parser, evaluation=False)
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave convs whose name matches this glob unconverted (repeatable)")
     parser.add_argument("--cp-iters", type=int, default=100, help="ALS iterations for cp")
@@ -82,13 +105,39 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def parse_tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"tolerance {text!r} should be a relative error > 0")
+    return value
+
+
+def _calibration(args):
+    if args.calib is None:
+        return None
+    if args.calib_samples < 1:
+        raise CLIError(f"--calib-samples {args.calib_samples} should be at least 1", EXIT_USAGE)
+    try:
+        return make_loader(args.calib, split=args.calib_split, limit=args.calib_samples,
+                           batch_size=64, mean=args.mean, std=args.std)
+    except DataSpecError as err:
+        raise CLIError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, [args.input], args.force)
     model = load_original(args.input, args.arch, args.arch_kwargs, args.allow_pickle)
     example = check_input_shape(model, args.input_shape)
+    calibration = _calibration(args)
     try:
         converted = convert(model, form=args.form, rank=args.rank, budget=args.budget,
-                            example_inputs=example, exclude=args.exclude,
+                            tolerance=args.tolerance, budget_on=args.budget_on,
+                            budget_scope=args.budget_scope, example_inputs=example,
+                            calibration=calibration, calib_samples=args.calib_samples,
+                            recalibrate_bn=args.recalibrate_bn, exclude=args.exclude,
                             cp_iters=args.cp_iters)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
