@@ -355,7 +355,9 @@ def _convert_layer(target, name, sites, conv, layer, option, record, whitening, 
     try:
         decomposition = factorize.decompose(form, conv.weight, conv.groups, option.rank,
                                             whitening=whitening, **options)
-        module = FORM_CLASSES[form].from_decomposition(conv, decomposition)
+        # With calibration data the refit also fits a bias, to correct the output mean.
+        module = FORM_CLASSES[form].from_decomposition(conv, decomposition,
+                                                       out_bias=whitening is not None)
     except Exception as err:
         raise RuntimeError(f"converting layer {name} ({conv}) to {form} failed: {err}") from err
     for alias in [name, *sites.aliases.get(name, [])]:
@@ -365,9 +367,10 @@ def _convert_layer(target, name, sites, conv, layer, option, record, whitening, 
     record.rank = decomposition.rank
     record.full_rank = _full_rank(form, layer)
     record.macs_after = layer.cost(form, decomposition.rank, "macs")
-    record.params_after = layer.cost(form, decomposition.rank, "params")
-    record.weight_error = factorize.relative_error(
-        conv.weight, factorize.reconstruct(decomposition, conv.groups))
+    record.params_after = sum(p.numel() for p in module.parameters())
+    # Without whitening the decomposition's own error is the weight error.
+    record.weight_error = decomposition.error if whitening is None else \
+        factorize.relative_error(conv.weight, factorize.reconstruct(decomposition, conv.groups))
     logger.info("converted %s to %s at rank %d/%d (weight error %.3f)", name, form,
                 decomposition.rank, record.full_rank, record.weight_error)
 

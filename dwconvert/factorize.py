@@ -312,7 +312,19 @@ class CPFactors:
 
     def reconstruct(self) -> torch.Tensor:
         """The kernel these factors stand for, shape ``(g, Ng, Mg, k2)``."""
-        return torch.einsum("gnr,gmr,gsr->gnms", self.a, self.b, self.c)
+        return _cp_kernel(self.a, self.b, self.c)
+
+
+def _cp_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sum_r a[..n,r] b[..m,r] c[..s,r]`` as one matmul: ``(..., Ng, Mg, k2)``.
+
+    The Khatri-Rao product of ``b`` and ``c`` (``R x Mg*k2``) is the only
+    intermediate; a three-way einsum would build an ``Ng x Mg x R`` tensor first.
+    """
+    mg, k2 = b.shape[-2], c.shape[-2]
+    kr = b.transpose(-2, -1)[..., :, :, None] * c.transpose(-2, -1)[..., :, None, :]
+    kernel = a @ kr.reshape(*kr.shape[:-2], mg * k2)
+    return kernel.reshape(*kernel.shape[:-1], mg, k2)
 
 
 def _grouped_3way(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -395,7 +407,7 @@ def _cp(weight, groups, rank, n_iter_max, tol, seed, whitening):
                          random_state=seed, normalize_factors=False)
             a, b, c = cp.factors
             a = a * cp.weights  # fold the CP weights into the output factor
-            approx = torch.einsum("nr,mr,sr->nms", a, b, c)
+            approx = _cp_kernel(a, b, c)
             sq_error += float((group_kernel - approx).pow(2).sum())
             factors.append((a, b, c))
     a, b, c = (torch.stack(f) for f in zip(*factors))
@@ -531,7 +543,7 @@ def reconstruct(decomposition: Decomposition, groups: int) -> torch.Tensor:
         kh, kw = dw.shape[-2:]
         n, mg = pw_out.shape[0], pw_in.shape[1]
         a = pw_out.reshape(groups, n // groups, r)
-        b = pw_in.reshape(groups, r, mg)
-        c = dw.reshape(groups, r, kh * kw)
-        return torch.einsum("gnr,grm,grs->gnms", a, b, c).reshape(n, mg, kh, kw)
+        b = pw_in.reshape(groups, r, mg).transpose(1, 2)
+        c = dw.reshape(groups, r, kh * kw).transpose(1, 2)
+        return _cp_kernel(a, b, c).reshape(n, mg, kh, kw)
     raise ValueError(f"unknown form {form!r}: expected one of {', '.join(FORMS)}")

@@ -67,9 +67,13 @@ class FactorizedConv2d(nn.Module):
 
     form: str = ""
 
-    def __init__(self, rank: int, *, channels_last: bool = False, **conv_args: Any) -> None:
+    def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
+                 **conv_args: Any) -> None:
         super().__init__()
         self.rank = rank
+        # The last layer gets a bias if the original had one, or if asked (a refit on
+        # calibration data can then correct the output's mean).
+        self.out_bias = out_bias or conv_args["bias"]
         # A conv with channels_last weights returns channels_last outputs whatever its
         # input; the 1x1 and depthwise weights of a chain cannot say so by their strides.
         self.channels_last = channels_last
@@ -85,6 +89,8 @@ class FactorizedConv2d(nn.Module):
         spec = {"form": self.form, "rank": self.rank, "conv": dict(self.conv_args)}
         if self.channels_last:
             spec["channels_last"] = True
+        if self.out_bias and not self.conv_args["bias"]:
+            spec["out_bias"] = True
         return spec
 
     def _spatial(self, in_channels, out_channels, groups, bias, device, dtype) -> nn.Conv2d:
@@ -137,6 +143,8 @@ class FactorizedConv2d(nn.Module):
                 layer.weight = nn.Parameter(value, requires_grad=conv.weight.requires_grad)
             if conv.bias is not None:
                 layers[-1].bias.copy_(conv.bias)
+            elif layers[-1].bias is not None:
+                layers[-1].bias.zero_()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, **options: Any) -> FactorizedConv2d:
@@ -148,22 +156,27 @@ class FactorizedConv2d(nn.Module):
         return cls.from_decomposition(conv, decomposition)
 
     @classmethod
-    def from_decomposition(cls, conv: nn.Conv2d,
-                           decomposition: factorize.Decomposition) -> FactorizedConv2d:
-        """Build the module for ``conv`` from factor weights computed beforehand."""
+    def from_decomposition(cls, conv: nn.Conv2d, decomposition: factorize.Decomposition, *,
+                           out_bias: bool = False) -> FactorizedConv2d:
+        """Build the module for ``conv`` from factor weights computed beforehand.
+
+        ``out_bias`` gives the last layer a (zero) bias even if ``conv`` has none.
+        """
         if decomposition.form != cls.form:
             raise ValueError(f"a {decomposition.form!r} decomposition cannot fill {cls.__name__}")
-        module = cls.empty_like(conv, decomposition.rank)
+        module = cls.empty_like(conv, decomposition.rank, out_bias=out_bias)
         module._load(conv, list(decomposition.weights))
         return module
 
     @classmethod
-    def empty_like(cls, conv: nn.Conv2d, rank: int) -> FactorizedConv2d:
+    def empty_like(cls, conv: nn.Conv2d, rank: int, *, out_bias: bool = False
+                   ) -> FactorizedConv2d:
         """An unfilled module of this form for ``conv`` at ``rank``, same dtype and device."""
         return cls(
             rank,
             **conv_spec(conv),
             channels_last=_is_channels_last(conv.weight),
+            out_bias=out_bias,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
@@ -178,11 +191,11 @@ class DwPwConv2d(FactorizedConv2d):
 
     form = "dw-pw"
 
-    def __init__(self, rank: int, *, channels_last: bool = False, device=None, dtype=None,
-                 **conv_args: Any) -> None:
-        super().__init__(rank, channels_last=channels_last, **conv_args)
+    def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
+                 device=None, dtype=None, **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
-        bias = conv_args["bias"]
+        bias = self.out_bias
         self.conv_dw = self._spatial(m, m * rank, m, False, device, dtype)
         self.conv_pw = self._pointwise(m * rank, n, g, bias, device, dtype)
 
@@ -198,11 +211,11 @@ class PwDwConv2d(FactorizedConv2d):
 
     form = "pw-dw"
 
-    def __init__(self, rank: int, *, channels_last: bool = False, device=None, dtype=None,
-                 **conv_args: Any) -> None:
-        super().__init__(rank, channels_last=channels_last, **conv_args)
+    def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
+                 device=None, dtype=None, **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
-        bias = conv_args["bias"]
+        bias = self.out_bias
         self.conv_pw = self._pointwise(m, n * rank, g, False, device, dtype)
         self.conv_dw = self._spatial(n * rank, n, n, bias, device, dtype)
 
@@ -218,11 +231,11 @@ class CPConv2d(FactorizedConv2d):
 
     form = "cp"
 
-    def __init__(self, rank: int, *, channels_last: bool = False, device=None, dtype=None,
-                 **conv_args: Any) -> None:
-        super().__init__(rank, channels_last=channels_last, **conv_args)
+    def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
+                 device=None, dtype=None, **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
-        bias = conv_args["bias"]
+        bias = self.out_bias
         width = g * rank
         self.conv_pw_in = self._pointwise(m, width, g, False, device, dtype)
         self.conv_dw = self._spatial(width, width, width, False, device, dtype)
@@ -238,5 +251,5 @@ FORM_CLASSES: dict[str, type[FactorizedConv2d]] = {
 def build_empty(spec: dict[str, Any], *, device=None, dtype=None) -> FactorizedConv2d:
     """Rebuild an unfilled module from :meth:`FactorizedConv2d.spec`."""
     cls = FORM_CLASSES[spec["form"]]
-    return cls(spec["rank"], channels_last=spec.get("channels_last", False), device=device,
-               dtype=dtype, **spec["conv"])
+    return cls(spec["rank"], channels_last=spec.get("channels_last", False),
+               out_bias=spec.get("out_bias", False), device=device, dtype=dtype, **spec["conv"])

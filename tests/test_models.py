@@ -109,7 +109,7 @@ def test_densenet_half_budget_is_out_of_reach(form):
 
 @pytest.mark.slow
 def test_half_budget_with_cp_runs_and_saves_macs():
-    # About 3 minutes on googlenet; resnet18 took over 12 (ALS error curves of 512-wide convs).
+    # 1.5-3 minutes on googlenet; resnet18 took over 12 (ALS error curves of 512-wide convs).
     model, x = build("googlenet", torch.float32), image(torch.float32, BUDGET_SIZE)
     result = dwconvert.convert(model, form="cp", budget=0.5, example_inputs=x, cp_iters=25)
     with torch.no_grad():
