@@ -433,23 +433,45 @@ def conv_macs(conv: nn.Conv2d, shape: ConvShape) -> int:
 
 
 def peer_targets(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Conv2d, ConvShape]]:
-    """The convs the peer replaces (every plain 3x3 conv, groups 1) with their sizes."""
+    """The convs the peer replaces, with their sizes.
+
+    Every plain 3x3 conv with groups 1, except those with one input channel: a
+    CP of such a stem cannot save much and costs the peer most of its accuracy,
+    so it is kept, as a user of the peer would (its MACs still count).
+    """
     shapes = conv_shapes(model, x)
     return {name: (m, shapes[name]) for name, m in model.named_modules()
             if type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.groups == 1
-            and name in shapes}
+            and m.in_channels > 1 and name in shapes}
 
 
-def peer_ranks(targets: dict[str, tuple[nn.Conv2d, ConvShape]], budget: float) -> dict[str, int]:
-    """Per conv, the largest CP rank whose MACs stay within ``budget`` of the conv's MACs."""
-    return {name: int(budget * conv_macs(conv, shape) // peer_macs_per_rank(conv, shape))
+def convertible_conv_macs(case: Case) -> int:
+    """MACs per image of every convertible conv of ``case.model`` (as dwconvert sees them)."""
+    shapes = conv_shapes(case.model, case.example_input)
+    return sum(conv_macs(conv, shapes[name])
+               for name, conv in convertible_convs(case.model).items() if name in shapes)
+
+
+def peer_fraction(targets: dict, budget: float, convertible_macs: int) -> float:
+    """The fraction of each target's MACs that meets ``budget`` of all convertible MACs."""
+    replaced = sum(conv_macs(conv, shape) for conv, shape in targets.values())
+    kept = convertible_macs - replaced
+    return (budget * convertible_macs - kept) / replaced
+
+
+def peer_ranks(targets: dict[str, tuple[nn.Conv2d, ConvShape]], fraction: float
+               ) -> dict[str, int]:
+    """Per conv, the largest CP rank whose MACs stay within ``fraction`` of the conv's MACs."""
+    return {name: int(fraction * conv_macs(conv, shape) // peer_macs_per_rank(conv, shape))
             for name, (conv, shape) in targets.items()}
 
 
-def peer_minimum(targets: dict[str, tuple[nn.Conv2d, ConvShape]]) -> float:
-    """The lowest budget every replaced conv can meet (rank 1 everywhere)."""
-    return max(peer_macs_per_rank(conv, shape) / conv_macs(conv, shape)
-               for conv, shape in targets.values())
+def peer_minimum(targets: dict[str, tuple[nn.Conv2d, ConvShape]],
+                 convertible_macs: int) -> float:
+    """The lowest budget of all convertible MACs the peer can meet (rank 1 everywhere)."""
+    replaced = sum(conv_macs(conv, shape) for conv, shape in targets.values())
+    lowest = sum(peer_macs_per_rank(conv, shape) for conv, shape in targets.values())
+    return (convertible_macs - replaced + lowest) / convertible_macs
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -478,10 +500,11 @@ def peer_convert(model: nn.Module, targets: dict, ranks: dict[str, int]) -> nn.M
 def run_peer(case: Case, budget: float, original_top1: float, model_macs: int) -> dict:
     """Converts ``case.model`` with TensorLy-Torch at one budget and evaluates it."""
     targets = peer_targets(case.model, case.example_input)
-    ranks = peer_ranks(targets, budget)
+    convertible = convertible_conv_macs(case)
+    ranks = peer_ranks(targets, peer_fraction(targets, budget, convertible))
     if min(ranks.values()) < 1:
         low = [name for name, rank in ranks.items() if rank < 1]
-        return {"status": "unreachable", "min_reachable": peer_minimum(targets),
+        return {"status": "unreachable", "min_reachable": peer_minimum(targets, convertible),
                 "message": f"rank 1 exceeds the budget for {', '.join(low)}"}
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -497,8 +520,10 @@ def run_peer(case: Case, budget: float, original_top1: float, model_macs: int) -
                        measured, expected)
     top1 = accuracy(small, case.evaluation)
     params = sum(p.numel() for p in small.parameters())
+    kept = convertible - before
     return {"status": "ok", "top1": top1, "drop": original_top1 - top1,
-            "mac_ratio": measured / model_macs, "conv_mac_ratio": formula / before,
+            "mac_ratio": measured / model_macs,
+            "conv_mac_ratio": (kept + formula) / convertible,
             "param_ratio": params / sum(p.numel() for p in case.model.parameters()),
             "seconds": seconds, "forms": {"tltorch-cp": len(targets)}, "ranks": ranks,
             "mac_count": "F.conv counter" if measured == expected else "F.conv counter "

