@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import eval_mode
+
 logger = logging.getLogger(__name__)
 
 # Unfolded patches are built in pieces of at most this many elements (float32: 256 MB).
@@ -49,6 +51,8 @@ def as_batches(calibration, max_samples: int | None = None,
         max_samples: keep at most this many images.
         batch_size: split larger batches into pieces of this size.
     """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"calib_samples must be at least 1 (or None for all), got {max_samples}")
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration]
     if not isinstance(calibration, Iterable):
@@ -61,6 +65,11 @@ def as_batches(calibration, max_samples: int | None = None,
         x = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"a calibration batch must be a tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"calibration batches must be image batches (B, C, H, W), got shape "
+                f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)"
+            )
         if max_samples is not None:
             x = x[: max_samples - count]
         for piece in x.split(batch_size):
@@ -124,10 +133,11 @@ class _StatsAccumulator:
         self.conv = conv
         m, g = conv.in_channels, conv.groups
         k2 = conv.kernel_size[0] * conv.kernel_size[1]
-        self.patch = torch.zeros(m, k2, k2, dtype=torch.float64)
-        self.channel = torch.zeros(g, m // g, m // g, dtype=torch.float64)
-        self.patch_sum = torch.zeros(m, k2, dtype=torch.float64)
-        self.out_sum = torch.zeros(conv.out_channels, dtype=torch.float64)
+        like = dict(dtype=torch.float64, device=conv.weight.device)
+        self.patch = torch.zeros(m, k2, k2, **like)
+        self.channel = torch.zeros(g, m // g, m // g, **like)
+        self.patch_sum = torch.zeros(m, k2, **like)
+        self.out_sum = torch.zeros(conv.out_channels, **like)
         self.out_sq = 0.0
         self.count = 0
 
@@ -167,18 +177,13 @@ def collect_stats(model: nn.Module, names: list[str],
 
 
 def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    was_training = model.training
     device, dtype = _device_dtype(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x in batches:
-                try:
-                    model(x.to(device=device, dtype=dtype))
-                except _Stop:
-                    pass
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for x in batches:
+            try:
+                model(x.to(device=device, dtype=dtype))
+            except _Stop:
+                pass
 
 
 def _device_dtype(model: nn.Module):
@@ -196,8 +201,9 @@ class Refit:
     """The outcome of refitting one converted layer on calibration data.
 
     ``error_before`` / ``error_after``: relative output error
-    ``||y_converted - y_original|| / ||y_original||`` of the layer, measured on the
-    calibration inputs that the converted network produces.
+    ``||y_converted - y_original|| / ||y_original - mean||`` of the layer (the mean
+    per output channel), measured on the calibration inputs that the converted
+    network produces.
     """
 
     name: str
@@ -214,10 +220,11 @@ class _NormalEquations:
         k2 = last.kernel_size[0] * last.kernel_size[1]
         features = last.in_channels // groups * k2 + (1 if last.bias is not None else 0)
         outputs = last.out_channels // groups
-        self.zz = torch.zeros(groups, features, features, dtype=torch.float64)
-        self.zy = torch.zeros(groups, features, outputs, dtype=torch.float64)
-        self.yy = torch.zeros(groups, outputs, dtype=torch.float64)
-        self.y_sum = torch.zeros(groups, outputs, dtype=torch.float64)
+        like = dict(dtype=torch.float64, device=last.weight.device)
+        self.zz = torch.zeros(groups, features, features, **like)
+        self.zy = torch.zeros(groups, features, outputs, **like)
+        self.yy = torch.zeros(groups, outputs, **like)
+        self.y_sum = torch.zeros(groups, outputs, **like)
         self.count = 0
 
     def _features(self, z: torch.Tensor) -> torch.Tensor:
@@ -356,21 +363,18 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> int:
              and m.track_running_stats]
     if not norms:
         return 0
-    saved = [(m.momentum, m.training) for m in norms]
-    was_training = model.training
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
-            m.train()
-        device, dtype = _device_dtype(model)
-        with torch.no_grad():
-            for x in batches:
-                model(x.to(device=device, dtype=dtype))
-    finally:
-        for m, (momentum, training) in zip(norms, saved):
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
+    saved = [m.momentum for m in norms]
+    with eval_mode(model):
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over all batches
+                m.train()
+            device, dtype = _device_dtype(model)
+            with torch.no_grad():
+                for x in batches:
+                    model(x.to(device=device, dtype=dtype))
+        finally:
+            for m, momentum in zip(norms, saved):
+                m.momentum = momentum
     return len(norms)

@@ -11,6 +11,7 @@ unpickled and nothing is decomposed again.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -142,6 +143,32 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not a state_dict")
 
 
+ZOO_PACKAGES = ("torchvision", "timm")
+
+
+def _trusted_arch(spec: str) -> bool:
+    """Whether a recipe's arch may be called unasked: an nn.Module class or a zoo entry."""
+    try:
+        target = import_callable(spec)
+    except CheckpointError:
+        return True  # build_model reports it
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return True
+    return getattr(target, "__module__", "").split(".")[0] in ZOO_PACKAGES
+
+
+def _build_layer(layer: Any, conv: nn.Module, name: str, path) -> FactorizedConv2d:
+    """An empty factorized module from a recipe entry, with errors for damaged entries."""
+    try:
+        rank = layer["rank"]
+        if not isinstance(rank, int) or not 1 <= rank <= conv.in_channels * conv.out_channels:
+            raise ValueError(f"rank {rank!r} out of range")
+        return build_empty(layer, device=conv.weight.device, dtype=conv.weight.dtype)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"damaged recipe in {str(path)!r} for layer {name!r}: "
+                              f"{type(err).__name__}: {err}") from None
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, *,
                  assign: bool = False) -> None:
     """``model.load_state_dict(state_dict)`` with an error naming the keys that do not fit.
@@ -209,6 +236,15 @@ def save(
     if arch is None:
         cls = type(model)
         arch = f"{cls.__module__}:{cls.__qualname__}"
+        required = [p.name for p in inspect.signature(cls).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                           p.KEYWORD_ONLY)]
+        if required:
+            logger.warning(
+                "%s needs the arguments %s, so load() cannot rebuild it from %s alone; pass "
+                "arch='module:factory' (and arch_kwargs) to save(), or model= to load()",
+                cls.__name__, ", ".join(required), arch,
+            )
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -217,8 +253,13 @@ def save(
         "layers": recipe(model),
         "extra": extra or {},
     }
-    tensors, tied = _untie(model.state_dict())
+    state = model.state_dict()
+    tensors, tied = _untie(state)
     meta["tied"] = tied
+    # safetensors stores tensors contiguous; remember which were channels_last.
+    meta["channels_last"] = [k for k, v in state.items() if v.ndim == 4 and
+                             v.is_contiguous(memory_format=torch.channels_last)
+                             and not v.is_contiguous()]
     metadata = {"dwconvert": json.dumps(meta)}
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -277,7 +318,11 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(metadata["dwconvert"])
     except json.JSONDecodeError:
         meta = None
-    if not isinstance(meta, dict) or not {"arch", "arch_kwargs", "layers"} <= set(meta):
+    if (not isinstance(meta, dict) or not {"arch", "arch_kwargs", "layers"} <= set(meta)
+            or not isinstance(meta["arch"], str) or not isinstance(meta["layers"], dict)
+            or not isinstance(meta["arch_kwargs"], dict)
+            or not isinstance(meta.get("version", 0), int)
+            or not isinstance(meta.get("tied", {}), dict)):
         raise CheckpointError(f"the dwconvert recipe in {str(path)!r} is damaged")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(
@@ -317,9 +362,15 @@ def load(
     """
     meta = read_recipe(path)
 
-    # 1. The original architecture.
+    # 1. The original architecture. A file's own arch is only called if it names a
+    #    model class or a model zoo; anything else needs the caller's word.
     if model is None:
         spec = arch or meta["arch"]
+        if arch is None and not _trusted_arch(spec):
+            raise CheckpointError(
+                f"the recipe of {str(path)!r} builds its model with {spec!r}, which is not an "
+                f"nn.Module class; pass arch={spec!r} (CLI: --arch) if you trust it"
+            )
         model = build_model(spec, arch_kwargs if arch_kwargs is not None else meta["arch_kwargs"])
 
     # 2. Empty factorized layers where the recipe says, each module built once.
@@ -339,8 +390,9 @@ def load(
                 f"layer {name!r} of the model is {conv}, but the recipe of {str(path)!r} "
                 f"was made for Conv2d({layer['conv']}); check arch and its arguments"
             )
-        module = built.setdefault(id(conv), build_empty(layer, device=conv.weight.device,
-                                                        dtype=conv.weight.dtype))
+        if id(conv) not in built:
+            built[id(conv)] = _build_layer(layer, conv, name, path)
+        module = built[id(conv)]
         for alias_name, alias in model.named_modules(remove_duplicate=False):
             if alias is conv:
                 replace_module(model, alias_name, module)
@@ -348,7 +400,13 @@ def load(
     # 3. The tensors.
     state = load_file(path, device=str(device))
     for key, source in meta.get("tied", {}).items():
+        if source not in state:
+            raise CheckpointError(f"damaged recipe in {str(path)!r}: {key!r} is tied to "
+                                  f"{source!r}, which the file does not hold")
         state[key] = state[source]
+    for key in meta.get("channels_last", []):
+        if key in state:
+            state[key] = state[key].contiguous(memory_format=torch.channels_last)
     load_weights(model, state, str(path), assign=True)
     model.to(device)
     return model.eval()

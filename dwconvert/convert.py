@@ -115,6 +115,10 @@ def convert(
     """
     forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
                                            budget_scope)
+    if not isinstance(cp_iters, int) or cp_iters < 1:
+        raise ValueError(f"cp_iters must be a positive int, got {cp_iters!r}")
+    if isinstance(exclude, str):
+        exclude = [exclude]
     if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     batches = None
@@ -138,7 +142,10 @@ def convert(
         records[name] = LayerRecord(name=name, status="skipped",
                                     macs_before=layer.original("macs"),
                                     params_before=layer.original("params"))
-        reason = _skip_reason(name, conv, exclude)
+        names = [name, *sites.aliases.get(name, [])]
+        reason = _skip_reason(names, conv, exclude)
+        if not reason and before is not None and name not in before.geometries:
+            reason = "not called at the example input, so its cost is unknown"
         if reason:
             records[name].reason = reason
             # 1x1 and depthwise convs are expected; other skips deserve attention.
@@ -148,8 +155,8 @@ def convert(
             continue
         if not torch.isfinite(conv.weight).all():
             raise ValueError(
-                f"layer {name} has NaN or Inf weights; fix or retrain it, or pass "
-                f"exclude=[{name!r}] to leave it unconverted"
+                f"layer {name} has NaN or Inf weights; fix or retrain it, or leave it "
+                f"unconverted with exclude=[{name!r}] (CLI: --exclude {name})"
             )
         layers[name] = layer
         records[name].convertible = True
@@ -184,7 +191,14 @@ def convert(
     notes = []
     if batches is not None and converted:
         for result in calibrate.refit(reference, target, converted, batches):
-            records[result.name].output_error = result.error_after
+            record = records[result.name]
+            record.output_error = result.error_after
+            # The refit moved the last layer: measure the kernel the chain now computes.
+            module = target.get_submodule(result.name)
+            now = factorize.Decomposition(module.form, module.rank,
+                                          tuple(layer.weight for layer in module.layers()), 0.0)
+            record.weight_error = factorize.relative_error(
+                convs[result.name].weight, factorize.reconstruct(now, module.groups))
         if recalibrate_bn:
             count = calibrate.recalibrate_batchnorm(target, batches)
             notes.append(f"recalibrated {count} BatchNorm layers on the calibration data")
@@ -192,6 +206,7 @@ def convert(
     # 7. Measure again and report.
     after = measure(target, example_inputs) if example_inputs is not None else None
     report = _report(target, sites, records, before, after, budget, params_before, notes)
+    report.budget_on, report.budget_scope = budget_on, budget_scope
     target.dwconvert_report = report
     return target
 
@@ -240,15 +255,19 @@ def _geometry(before: ModelCost | None, name: str, conv: nn.Conv2d) -> Geometry:
     return Geometry.per_output_pixel(conv.stride)
 
 
-def _skip_reason(name: str, conv: nn.Conv2d, exclude: Sequence[str]) -> str:
-    if any(fnmatch(name, pattern) for pattern in exclude):
+def _skip_reason(names: Sequence[str], conv: nn.Conv2d, exclude: Sequence[str]) -> str:
+    if any(fnmatch(name, pattern) for name in names for pattern in exclude):
         return "excluded by the user"
-    if type(conv) is not nn.Conv2d:
+    if type(conv) is not nn.Conv2d and (
+            type(conv).forward is not nn.Conv2d.forward
+            or type(conv)._conv_forward is not nn.Conv2d._conv_forward):
         return f"{type(conv).__name__} is a Conv2d subclass with its own forward"
     if conv.kernel_size == (1, 1):
         return "1x1 conv: already pointwise"
     if conv.groups == conv.in_channels > 1:
         return "already depthwise (groups == in_channels)"
+    if not conv.weight.detach().any():
+        return "all-zero kernel: nothing to factorize"
     return ""
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .factorize import KernelShape
+from .modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,10 @@ def measure(model: nn.Module, example_inputs: tuple) -> ModelCost:
         for m in model.modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*example_inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
 

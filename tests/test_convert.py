@@ -353,7 +353,24 @@ def test_exclude_patterns_keep_those_convs(exclude, kept):
 
 
 class MyConv(nn.Conv2d):
-    """A Conv2d subclass, as some model zoos define them."""
+    """A Conv2d subclass with its own forward (weight standardisation, as in some zoos)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class PlainSubclassConv(nn.Conv2d):
+    """A Conv2d subclass that only renames the class: it computes what a Conv2d does."""
+
+
+def test_conv2d_subclass_without_own_forward_is_converted_exactly():
+    model = nn.Sequential(PlainSubclassConv(4, 8, 3), nn.ReLU()).double()
+    x = torch.randn(1, 4, 12, 12, dtype=torch.float64)
+    converted = dwconvert.convert(model, form="dw-pw", rank="full", example_inputs=x)
+    assert records(converted.dwconvert_report)["0"].status == "converted"
+    assert torch.allclose(converted(x), model(x), atol=1e-12)
 
 
 def test_conv2d_subclass_is_skipped_with_its_own_reason():

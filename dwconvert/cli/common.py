@@ -136,8 +136,13 @@ def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
                            EXIT_USAGE)
     if out.is_dir():
         raise CLIError(f"output {output!r} is a folder; give the path of a file", EXIT_USAGE)
+    if out.exists() and not out.is_file():
+        raise CLIError(f"output {output!r} exists and is not a regular file; choose another path",
+                       EXIT_USAGE)
     if out.exists() and not force:
         raise CLIError(f"output {output!r} exists; pass --force to replace it", EXIT_USAGE)
     if not out.parent.exists():
         raise CLIError(f"the folder of output {output!r} does not exist", EXIT_USAGE)
+    if not os.access(out.parent, os.W_OK):
+        raise CLIError(f"the folder of output {output!r} is not writable", EXIT_USAGE)
     return out

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
 def _load_pair(args):
     try:
         meta = read_recipe(args.converted)
-        converted = load(args.converted)
+        converted = load(args.converted, arch=args.arch, arch_kwargs=args.arch_kwargs)
     except CheckpointError as err:
         raise CLIError(str(err)) from None
     if is_converted_checkpoint(args.original):
