@@ -860,8 +860,10 @@ def markdown_report(results: dict) -> str:
              "fine-tuning anywhere. Budgets are kept fractions of the MACs of the convertible "
              "convs (`budget_scope=\"convertible\"`); the peer (`tltorch-cp`, "
              "`tltorch.FactorizedConv.from_conv(..., factorization='cp', "
-             "implementation='factorized')`) replaces every 3x3 conv with the largest CP rank "
-             "whose MACs stay within the same fraction of that conv's MACs.", "",
+             "implementation='factorized')`) replaces every 3x3 conv with more than one input "
+             "channel (one-channel stems are kept, as its users would keep them) with the "
+             "largest CP rank within one fraction of each conv's MACs, the fraction set so "
+             "that all convertible convs together keep the budget.", "",
              "MACs: dwconvert's from its report (`nn.Conv2d`/`nn.Linear` hooks). The peer's "
              "`FactorizedConv` calls `F.conv1d`/`F.conv2d` itself, with no `nn.Conv2d` inside, "
              "so its MACs are counted by a `TorchFunctionMode` over the functional conv and "

@@ -63,7 +63,9 @@ def import_callable(spec: str) -> Callable[..., nn.Module]:
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise CheckpointError(f"module {module_name!r} has no attribute {attr!r} (arch {spec!r})")
+            raise CheckpointError(
+                f"module {module_name!r} has no attribute {attr!r} (arch {spec!r})"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise CheckpointError(f"arch {spec!r} names {type(target).__name__}, not a callable")
@@ -232,7 +234,9 @@ def save(
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (CLI: --force) to replace it")
+        raise FileExistsError(
+            f"{str(path)!r} exists; pass overwrite=True (CLI: --force) to replace it"
+        )
     if arch is None:
         cls = type(model)
         arch = f"{cls.__module__}:{cls.__qualname__}"

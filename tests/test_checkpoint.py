@@ -25,7 +25,8 @@ from dwconvert.checkpoint import CheckpointError, build_model, load, read_state_
 from dwconvert.layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
 
 CNN_ARCH = "digit_recognizer.model:CNN"
-CNN_PATH = Path(importlib.util.find_spec("digit_recognizer").origin).parent / "models" / "handwriting_model.pth"
+CNN_PATH = (Path(importlib.util.find_spec("digit_recognizer").origin).parent
+            / "models" / "handwriting_model.pth")
 CNN_CONVS = ["conv_layers.0", "conv_layers.3", "conv_layers.6"]
 FORMS = {"dw-pw": DwPwConv2d, "pw-dw": PwDwConv2d, "cp": CPConv2d}
 

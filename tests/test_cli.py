@@ -35,7 +35,8 @@ from dwconvert.cli.common import (
 from dwconvert.cli.main import main
 
 CNN_ARCH = "digit_recognizer.model:CNN"
-CNN_PATH = Path(importlib.util.find_spec("digit_recognizer").origin).parent / "models" / "handwriting_model.pth"
+CNN_PATH = (Path(importlib.util.find_spec("digit_recognizer").origin).parent
+            / "models" / "handwriting_model.pth")
 SHAPE = ["--input-shape", "1,28,28"]
 
 

@@ -52,7 +52,9 @@ def parse_json_object(text: str) -> dict:
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON: {err}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} should be a JSON object, e.g. '{{\"num_classes\": 10}}'")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} should be a JSON object, e.g. '{{\"num_classes\": 10}}'"
+        )
     return value
 
 
@@ -60,7 +62,9 @@ def parse_floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} should be comma-separated numbers, e.g. 0.1307") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} should be comma-separated numbers, e.g. 0.1307"
+        ) from None
 
 
 def add_arch_options(parser: argparse.ArgumentParser, required: bool) -> None:
