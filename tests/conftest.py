@@ -186,7 +186,7 @@ def original_macs(conv: nn.Conv2d, hw_out: int) -> int:
 
 
 def closed_form_macs(form: str, conv: nn.Conv2d, rank: int, hw_in: int, hw_out: int) -> int:
-    """MACs per image of a factorized conv, as the design notes (section 2) give them."""
+    """MACs per image of a factorized conv, by the formulas of docs/forms.md."""
     n, m, g = conv.out_channels, conv.in_channels, conv.groups
     mg, k2 = m // g, conv.kernel_size[0] * conv.kernel_size[1]
     if form == "dw-pw":  # depthwise (multiplier r), then pointwise with g groups

@@ -1,4 +1,10 @@
-"""One test (or a few) per case of /work/shared/cases/CONVERSION-CASES.md, through convert().
+"""Named conversion cases C01-C13: small inputs that other converters got wrong.
+
+Each test names its case: C01 strides and asymmetric padding, C02 dilation, C03
+string padding, C04 non-square kernels and rank bounds, C05 depthwise convs left
+alone, C06 grouped convs, C07 conv + BatchNorm, C08 half precision, C09 padding
+modes, C10 channels_last, C11 nested names, C12 untraceable models, C13 ONNX
+export checked in onnxruntime. All go through ``convert()``.
 
 Exactness of the single-conv cases at full rank (C01-C04, C06, C09, C10) is tested
 layer by layer in test_layers.py under the same ids (``test_full_rank_is_exact[C01-...]``);

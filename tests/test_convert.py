@@ -1,9 +1,9 @@
 """The conversion pass: what it changes, what it leaves alone, what it reports.
 
 MACs are counted here with the tests' own forward hooks (``conftest.count_macs``)
-and the closed-form formulas of the design notes, never with dwconvert's counters.
-The per-case tests of CONVERSION-CASES.md (C05 skips, C11 nested names and
-zero-conversion reports, C12 untraceable models) are in test_cases.py.
+and the closed-form formulas of docs/forms.md, never with dwconvert's counters.
+The named conversion cases (C05 skips, C11 nested names and zero-conversion
+reports, C12 untraceable models) are in test_cases.py.
 """
 
 from __future__ import annotations

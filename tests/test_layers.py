@@ -2,7 +2,7 @@
 
 Tier 1: at full rank every form reproduces the conv (stride, padding, padding mode,
 dilation, groups, borders included). Tier 2: at truncated ranks the modules cost
-the MACs and parameters of the design notes' formulas and compute exactly the
+the MACs and parameters of the formulas in docs/forms.md and compute exactly the
 low-rank kernel they stand for.
 """
 
