@@ -34,6 +34,15 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """Like ``single_thread``, for a whole module (its module-scoped fixtures too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class ConvCase:
     """One ``nn.Conv2d`` configuration and the input it runs on."""

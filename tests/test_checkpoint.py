@@ -31,13 +31,8 @@ CNN_CONVS = ["conv_layers.0", "conv_layers.3", "conv_layers.6"]
 FORMS = {"dw-pw": DwPwConv2d, "pw-dw": PwDwConv2d, "cp": CPConv2d}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are small: one thread is faster, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are small: one thread is faster, above all on a busy machine.
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 class Small(nn.Module):

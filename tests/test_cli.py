@@ -40,13 +40,8 @@ CNN_PATH = (Path(importlib.util.find_spec("digit_recognizer").origin).parent
 SHAPE = ["--input-shape", "1,28,28"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are small: one thread is faster, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are small: one thread is faster, above all on a busy machine.
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 # --- independent reference computations --------------------------------------------------------
