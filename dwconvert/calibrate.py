@@ -240,7 +240,9 @@ class _NormalEquations:
 
     def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
         g = self.last.groups
-        for z_piece, y_piece in zip(_pieces(z, z[0].numel() * 9), _pieces(y, z[0].numel() * 9)):
+        k2 = self.last.kernel_size[0] * self.last.kernel_size[1]
+        per_image = z[0].numel() * k2  # unfolded features of one image
+        for z_piece, y_piece in zip(_pieces(z, per_image), _pieces(y, per_image)):
             feats = self._features(z_piece)
             # (B, N, H, W) -> (g, B*L, N/g)
             b, n = y_piece.shape[:2]

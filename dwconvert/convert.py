@@ -177,9 +177,9 @@ def convert(
     converted = []
     for name, option in choice.items():
         record, conv = records[name], convs[name]
-        if isinstance(rank, int) and rank > _full_rank(forms[0], layers[name]):
+        if isinstance(rank, int) and rank > layers[name].full_rank(forms[0]):
             record.requested_rank = rank
-            record.full_rank = _full_rank(forms[0], layers[name])
+            record.full_rank = layers[name].full_rank(forms[0])
         if option.keeps_original:
             record.reason = _keep_reason(layers[name], forms, rank, budget_on, tolerance)
             continue
@@ -274,19 +274,15 @@ def _skip_reason(names: Sequence[str], conv: nn.Conv2d, exclude: Sequence[str]) 
 def _keep_reason(layer: LayerCost, forms, rank, budget_on, tolerance) -> str:
     if rank is not None:
         form = forms[0]
-        r = min(rank, _full_rank(form, layer))
+        r = min(rank, layer.full_rank(form))
         return (f"{form} at rank {r} would cost {layer.cost(form, r)} MACs, not fewer than "
                 f"the original {layer.original()}")
-    useful = any(layer.max_useful_rank(f, _full_rank(f, layer), budget_on) for f in forms)
+    useful = any(layer.max_useful_rank(f, budget_on) for f in forms)
     if not useful:
         return f"{' / '.join(forms)} at any rank costs as much as the original"
     if tolerance is not None:
         return f"no form within tolerance {tolerance:g} is cheaper than the original"
     return "kept: the budget is better spent on other layers"
-
-
-def _full_rank(form: str, layer: LayerCost) -> int:
-    return factorize.full_rank(form, layer.shape)
 
 
 def _choose(layers, convs, forms, rank, budget, tolerance, on, scope, before, model_params,
@@ -296,7 +292,7 @@ def _choose(layers, convs, forms, rank, budget, tolerance, on, scope, before, mo
         form = forms[0]
         chosen = {}
         for name, layer in layers.items():
-            full = _full_rank(form, layer)
+            full = layer.full_rank(form)
             r = full if rank == "full" else min(rank, full)
             option = Option(form, r, layer.cost(form, r, "macs"), math.nan)
             if rank != "full" and option.cost >= layer.original("macs"):
@@ -329,7 +325,7 @@ def _check_reachable(layers, forms, budget, on, total) -> None:
     lowest = total
     for layer in layers.values():
         useful = [layer.cost(f, 1, on) for f in forms
-                  if layer.max_useful_rank(f, _full_rank(f, layer), on)]
+                  if layer.max_useful_rank(f, on)]
         lowest -= layer.original(on) - min(useful, default=layer.original(on))
     if budget * total < lowest:
         raise ranks.BudgetError(
@@ -344,7 +340,7 @@ def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, se
              cp_size_limit) -> list[Option]:
     curves = {}
     for form in forms:
-        top = layer.max_useful_rank(form, _full_rank(form, layer), on)
+        top = layer.max_useful_rank(form, on)
         cp_ranks = None
         if form == "cp" and top:
             cp_ranks = _cp_ranks(layer, top, on, budget)
@@ -383,7 +379,7 @@ def _convert_layer(target, name, sites, conv, layer, option, record, whitening, 
     record.status = "converted"
     record.form = form
     record.rank = decomposition.rank
-    record.full_rank = _full_rank(form, layer)
+    record.full_rank = layer.full_rank(form)
     record.macs_after = layer.cost(form, decomposition.rank, "macs")
     record.params_after = sum(p.numel() for p in module.parameters())
     # Without whitening the decomposition's own error is the weight error.

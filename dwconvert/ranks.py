@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .costs import Geometry, conv_macs, conv_params, form_macs, form_params
-from .factorize import KernelShape
+from .factorize import KernelShape, full_rank
 
 COST_MEASURES = ("macs", "params")
 
@@ -71,13 +71,17 @@ class LayerCost:
             return form_params(form, self.shape, rank, self.bias)
         return form_macs(form, self.shape, rank, self.geometry)
 
-    def max_useful_rank(self, form: str, full_rank: int, on: str = "macs") -> int:
+    def full_rank(self, form: str) -> int:
+        """The rank at which ``form`` reproduces this conv exactly."""
+        return full_rank(form, self.shape)
+
+    def max_useful_rank(self, form: str, on: str = "macs") -> int:
         """The highest rank of ``form`` that costs less than the original (0 if none)."""
         fixed = self.cost(form, 1, on) - self.cost(form, 2, on) + self.cost(form, 1, on)
         per_rank = self.cost(form, 1, on) - fixed
         if fixed + per_rank >= self.original(on):
             return 0
-        return min(full_rank, math.ceil((self.original(on) - fixed) / per_rank) - 1)
+        return min(self.full_rank(form), math.ceil((self.original(on) - fixed) / per_rank) - 1)
 
 
 def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],

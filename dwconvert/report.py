@@ -122,10 +122,10 @@ class ConversionReport:
                 r.name,
                 r.form or "-",
                 rank,
-                _count(r.macs_before),
-                _count(r.macs_after if r.converted else r.macs_before),
-                _count(r.params_before),
-                _count(r.params_after if r.converted else r.params_before),
+                format_count(r.macs_before),
+                format_count(r.macs_after if r.converted else r.macs_before),
+                format_count(r.params_before),
+                format_count(r.params_after if r.converted else r.params_before),
                 "" if r.weight_error is None else f"{r.weight_error:.3f}",
                 "" if r.output_error is None else f"{r.output_error:.3f}",
                 r.reason,
@@ -150,13 +150,13 @@ class ConversionReport:
         if self.macs_before:
             conv = self.conv_mac_ratio
             lines.append(
-                f"model MACs {_count(self.macs_before)} -> {_count(self.macs_after)} "
+                f"model MACs {format_count(self.macs_before)} -> {format_count(self.macs_after)} "
                 f"({self.mac_ratio:.3f} of the original"
                 + (f"; convertible convs {conv:.3f}" if conv is not None else "")
                 + (budget if self.budget_on == "macs" else "") + ")"
             )
         lines.append(
-            f"parameters {_count(self.params_before)} -> {_count(self.params_after)} "
+            f"parameters {format_count(self.params_before)} -> {format_count(self.params_after)} "
             f"({self.param_ratio:.3f} of the original"
             + (budget if self.budget_on == "params" else "") + ")"
         )
@@ -167,7 +167,7 @@ class ConversionReport:
         return self.table() + "\n\n" + self.summary()
 
 
-def _count(value: int | None) -> str:
+def format_count(value: int | None) -> str:
     """``1234567`` -> ``'1.23M'``: counts as people read them."""
     if value is None:
         return ""

@@ -11,7 +11,7 @@ from ..checkpoint import CheckpointError, is_converted_checkpoint, load, read_re
 from ..costs import measure
 from ..data import DATA_SPECS_HELP, DataSpecError, make_loader
 from ..evaluate import compare_models
-from ..report import _count
+from ..report import format_count
 from .common import CLIError, add_arch_options, add_data_options, load_original
 
 EXAMPLE = """example:
@@ -83,13 +83,15 @@ def run(args: argparse.Namespace) -> int:
         _check_accepts(label, model, images[:1], args.data)
     comparison = compare_models(original, converted, loader)
     example = (images[:1],)
-    rows = []
+    rows, macs = [], []
     for label, model, result in (("original", original, comparison.original),
                                  ("converted", converted, comparison.converted)):
         cost = measure(model, example)
-        rows.append([label, f"{100 * result.top1:.2f}%", _count(cost.params), _count(cost.macs)])
+        macs.append(cost.macs)
+        rows.append([label, f"{100 * result.top1:.2f}%", format_count(cost.params),
+                     format_count(cost.macs)])
     print(tabulate(rows, headers=["model", "top-1", "params", "MACs"], disable_numparse=True))
-    before, after = (measure(m, example).macs for m in (original, converted))
+    before, after = macs
     print()
     print(f"{comparison.original.count} images of {args.data}; top-1 agreement "
           f"{100 * comparison.agreement:.2f}%; MACs {after / before:.3f} of the original")
