@@ -23,11 +23,13 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import calibrate, factorize, ranks
+from . import calibrate, factorize, ranks, speed
 from .costs import Geometry, ModelCost, measure
 from .factorize import FORMS, KernelShape, Whitening
 from .graph import ConvSites, find_convs, replace_module
-from .layers import FORM_CLASSES
+from .latency import MedianTimer, ModuleTimer, capture_inputs, format_seconds
+from .layers import FORM_CLASSES, PLAIN, layout_options
+from .layouts import arrangements, is_channels_last
 from .ranks import COST_MEASURES, LayerCost, Option
 from .report import ConversionReport, LayerRecord
 
@@ -38,6 +40,7 @@ Rank = Union[int, str]
 DEFAULT_BUDGET = 0.5
 AUTO = "auto"
 BUDGET_SCOPES = ("model", "convertible")
+OBJECTIVES = ("macs", "latency")
 
 
 def convert(
@@ -58,6 +61,10 @@ def convert(
     cp_iters: int = 100,
     cp_size_limit: float = 2e8,
     seed: int = 0,
+    objective: str = "macs",
+    speedup: float | None = None,
+    layout: str | None = None,
+    timer: ModuleTimer | None = None,
 ) -> nn.Module:
     """Replace the standard convs of ``model`` by depthwise + pointwise factorizations.
 
@@ -103,6 +110,21 @@ def convert(
             kernel size times CP rank exceeds this, because its ALS would take
             minutes; such convs choose between the SVD forms.
         seed: seed of the CP initialisation.
+        objective: ``"macs"`` (the budget counts MACs or parameters) or
+            ``"latency"``: each conv and a few ranks of each form are timed at
+            the conv's input from ``example_inputs`` (on its device, with the
+            current torch threads), the budget is a fraction of the model's
+            measured time, and a conv whose replacement is not measured faster
+            stays as it is (see docs/latency.md).
+        speedup: with ``objective="latency"``, the target speedup of the whole
+            model (e.g. ``1.5``) instead of a budget: ``budget = 1 / speedup``.
+        layout: how the factorized layers run their weights (docs/latency.md):
+            ``"auto"`` times the candidate layouts of each layer and keeps the
+            fastest (the default with ``objective="latency"``), ``"plain"`` (the
+            default otherwise) or a layout such as ``"channels_last"``.
+        timer: replaces the timing of modules (a
+            :data:`~dwconvert.latency.ModuleTimer`); the default takes interleaved
+            medians.
 
     Returns:
         The converted model. Its ``dwconvert_report`` attribute holds a
@@ -114,7 +136,15 @@ def convert(
             ``ValueError``) for a budget below what the model can reach.
     """
     forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
-                                           budget_scope)
+                                           budget_scope, objective, speedup, example_inputs)
+    layout = layout or (AUTO if objective == "latency" else PLAIN)
+    timing = layout == AUTO
+    if timing and example_inputs is None:
+        raise ValueError("layout='auto' times each layer at its real input: give example_inputs")
+    if layout not in (AUTO, PLAIN):
+        for f in forms:
+            layout_options(f, layout)
+    timer = timer or MedianTimer()
     if not isinstance(cp_iters, int) or cp_iters < 1:
         raise ValueError(f"cp_iters must be a positive int, got {cp_iters!r}")
     if isinstance(exclude, str):
@@ -126,7 +156,7 @@ def convert(
         batches = calibrate.as_batches(calibration, calib_samples)
     params_before = sum(p.numel() for p in model.parameters())
     target = model if inplace else copy.deepcopy(model)
-    reference = copy.deepcopy(model) if inplace and batches is not None else model
+    reference = copy.deepcopy(model) if inplace and (batches is not None or timing) else model
 
     # 1. Find the convs and measure the model.
     sites = find_convs(target)
@@ -161,6 +191,10 @@ def convert(
         layers[name] = layer
         records[name].convertible = True
 
+    # The input each conv receives, at which it and its candidates are timed.
+    inputs = capture_inputs(target, {n: convs[n] for n in layers}, example_inputs) \
+        if timing and layers else {}
+
     # 3. Statistics of each conv's input, for data-aware factorization.
     whitening: dict[str, Whitening] = {}
     if batches is not None and layers:
@@ -170,8 +204,13 @@ def convert(
                      for name, s in stats.items()}
 
     # 4. Choose a form and rank per conv.
-    choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on, budget_scope,
-                     before, params_before, whitening, seed, cp_size_limit)
+    if objective == "latency":
+        choice = _choose_by_time(layers, convs, forms, rank, budget, tolerance, budget_scope,
+                                 reference, example_inputs, inputs, timer, whitening, seed,
+                                 cp_size_limit, records)
+    else:
+        choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on,
+                         budget_scope, before, params_before, whitening, seed, cp_size_limit)
 
     # 5. Factorize and swap in the new modules.
     converted = []
@@ -181,11 +220,25 @@ def convert(
             record.requested_rank = rank
             record.full_rank = layers[name].full_rank(forms[0])
         if option.keeps_original:
-            record.reason = _keep_reason(layers[name], forms, rank, budget_on, tolerance)
+            record.reason = record.reason or _keep_reason(layers[name], forms, rank, budget_on,
+                                                          tolerance)
             continue
         _convert_layer(target, name, sites, conv, layers[name], option, record,
                        whitening.get(name), cp_iters=cp_iters, seed=seed)
         converted.append(name)
+
+    # 5b. Give each new module its layout; by latency, keep convs that are not beaten.
+    for name in list(converted):
+        module = target.get_submodule(name)
+        if timing:
+            _time_converted(name, module, convs[name], inputs[name], timer, records[name])
+            record = records[name]
+            if objective == "latency" and record.time_after >= record.time_before:
+                _revert(target, name, sites, convs[name], record)
+                converted.remove(name)
+        elif layout != PLAIN:
+            module.set_layout(layout)
+            records[name].layout = layout
 
     # 6. Refit on calibration data, layer by layer in forward order.
     notes = []
@@ -202,16 +255,49 @@ def convert(
         if recalibrate_bn:
             count = calibrate.recalibrate_batchnorm(target, batches)
             notes.append(f"recalibrated {count} BatchNorm layers on the calibration data")
+        for name in converted:  # the refit assigned new weights: give them the layout's strides
+            module = target.get_submodule(name)
+            module.set_layout(module.layout)
 
     # 7. Measure again and report.
     after = measure(target, example_inputs) if example_inputs is not None else None
     report = _report(target, sites, records, before, after, budget, params_before, notes)
     report.budget_on, report.budget_scope = budget_on, budget_scope
+    report.objective, report.speedup_target = objective, speedup
+    if timing:
+        seconds = timer({"original": reference, "converted": target}, example_inputs)
+        report.time_before, report.time_after = seconds["original"], seconds["converted"]
+    for record in report.layers:
+        if record.time_rose:
+            message = (f"{record.name}: MACs fell ({record.macs_before} -> {record.macs_after}) "
+                       f"but time rose ({format_seconds(record.time_before)} -> "
+                       f"{format_seconds(record.time_after)})")
+            report.notes.append("warning: " + message)
+            logger.warning(message)
     target.dwconvert_report = report
     return target
 
 
-def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope):
+def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope, objective="macs",
+                     speedup=None, example_inputs=None):
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "latency" and example_inputs is None:
+        raise ValueError("objective='latency' times each conv at its real input: give "
+                         "example_inputs, e.g. torch.randn(1, 3, 224, 224)")
+    if objective == "latency" and budget_on != "macs":
+        raise ValueError(f"budget_on={budget_on!r} applies to objective='macs'; with "
+                         "objective='latency' the budget is a fraction of the measured time")
+    if speedup is not None:
+        if objective != "latency":
+            raise ValueError("speedup needs objective='latency' (CLI: --objective latency)")
+        if not isinstance(speedup, (int, float)) or isinstance(speedup, bool) \
+                or not 1 <= speedup < math.inf:
+            raise ValueError(f"speedup is how many times faster the model should run and "
+                             f"must be a number >= 1, got {speedup!r}")
+        if budget is not None or rank is not None or tolerance is not None:
+            raise ValueError("give one of rank, budget, tolerance or speedup")
+        budget = 1 / speedup
     if form != AUTO and form not in FORMS:
         raise ValueError(f"unknown form {form!r}: expected one of auto, {', '.join(FORMS)}")
     if budget_on not in COST_MEASURES:
@@ -338,6 +424,13 @@ def _check_reachable(layers, forms, budget, on, total) -> None:
 
 def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, seed,
              cp_size_limit) -> list[Option]:
+    curves = _curves(layer, conv, forms, on, budget, whitening, seed, cp_size_limit)
+    return ranks.options_for(layer, curves, on)
+
+
+def _curves(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, seed,
+            cp_size_limit) -> dict[str, list[float]]:
+    """Per form, the error at each rank up to the highest rank cheaper than the conv."""
     curves = {}
     for form in forms:
         top = layer.max_useful_rank(form, on)
@@ -352,7 +445,75 @@ def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, se
                 continue
         curves[form] = factorize.error_curve(form, conv.weight, conv.groups, top, seed=seed,
                                              whitening=whitening, cp_ranks=cp_ranks)
-    return ranks.options_for(layer, curves, on)
+    return curves
+
+
+def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, reference,
+                    example_inputs, inputs, timer, whitening, seed, cp_size_limit, records
+                    ) -> dict[str, Option]:
+    """One option per conv, with measured seconds as the cost (``objective="latency"``)."""
+    if rank is not None:  # the rank is given: time only what the layout step will check
+        return _choose(layers, convs, forms, rank, None, None, "macs", scope, None, 0,
+                       whitening, seed, cp_size_limit)
+    options, times = {}, {}
+    for name, layer in layers.items():
+        curves = _curves(layer, convs[name], forms, "macs", budget, whitening.get(name), seed,
+                         cp_size_limit)
+        curves = {form: errors for form, errors in curves.items() if errors}
+        times[name] = speed.time_layer(convs[name], inputs[name],
+                                       {form: len(errors) for form, errors in curves.items()},
+                                       timer)
+        options[name] = ranks.options_for(layer, curves, cost=times[name].time,
+                                          original=times[name].original)
+        records[name].time_before = records[name].time_after = times[name].original
+        if len(options[name]) == 1:
+            records[name].reason = (f"kept: no form and rank measured faster than the "
+                                    f"original ({format_seconds(times[name].original)})")
+        logger.info("timed %s: original %s, %d options faster", name,
+                    format_seconds(times[name].original), len(options[name]) - 1)
+    if tolerance is not None:
+        return {name: ranks.within_tolerance(opts, tolerance) for name, opts in options.items()}
+    convertible = sum(t.original for t in times.values())
+    total = convertible
+    if scope == "model":
+        model_time = timer({"model": reference}, example_inputs)["model"]
+        total = max(model_time, convertible)
+    room = budget * total - (total - convertible)
+    lowest = ranks.minimum_cost(options)
+    if room < lowest:
+        reachable = (total - convertible + lowest) / total
+        raise ranks.BudgetError(
+            f"{'speedup %.3g' % (1 / budget)} (budget {budget:.3g} of the measured time) is out "
+            f"of reach: the fastest options measured keep {reachable:.3f} of the time "
+            f"(speedup {1 / reachable:.2f}); ask for less, or convert the model on a quieter "
+            "machine", minimum=reachable)
+    return ranks.allocate(options, room)
+
+
+def _time_converted(name, module, conv, inputs, timer, record) -> None:
+    """Time the original conv and every layout of its replacement; keep the fastest layout."""
+    contenders = {"original": conv, **arrangements(module, is_channels_last(inputs[0]))}
+    seconds = timer(contenders, inputs)
+    best = min((k for k in seconds if k != "original"), key=seconds.get)
+    module.set_layout(best)
+    record.layout = best
+    record.time_before, record.time_after = seconds["original"], seconds[best]
+    logger.info("%s: layout %s, %s -> %s", name, best, format_seconds(record.time_before),
+                format_seconds(record.time_after))
+
+
+def _revert(target, name, sites, conv, record) -> None:
+    """Put the original conv back: its replacement was not measured faster."""
+    for alias in [name, *sites.aliases.get(name, [])]:
+        replace_module(target, alias, conv)
+    record.reason = (f"kept: {record.form} at rank {record.rank} measured "
+                     f"{format_seconds(record.time_after)}, not faster than the original "
+                     f"{format_seconds(record.time_before)}")
+    logger.info("%s: %s", name, record.reason)
+    record.status, record.form, record.rank, record.full_rank = "skipped", None, None, None
+    record.macs_after = record.params_after = record.weight_error = None
+    record.layout = None
+    record.time_after = record.time_before
 
 
 def _cp_ranks(layer: LayerCost, top: int, on: str, budget: float | None) -> list[int]:

@@ -9,6 +9,20 @@ layer is exact for every padding mode.
 
 Every module can be built empty from its :meth:`~FactorizedConv2d.spec` (to load a
 saved checkpoint) or filled from a trained conv with ``from_conv``.
+
+A module's ``layout`` says how its forward runs the same weights (see
+docs/latency.md); every layout computes the same numbers, only the memory traffic
+differs. Layouts are ``"plain"`` or ``+``-joined options:
+
+* ``channels_last``: run the chain in channels_last memory format and return a
+  contiguous (NCHW) output, for models that run NCHW.
+* ``matmul``: each 1x1 layer with ``groups=1`` as a matrix product over NCHW
+  memory, ``(N, C) @ (B, C, H*W)``, instead of a convolution.
+* ``repeat`` (``dw-pw``): the depthwise conv with channel multiplier ``r`` as a
+  multiplier-1 depthwise conv over the input channels repeated ``r`` times each
+  (``repeat_interleave``); the kernels are the same tensor.
+* ``dwsum`` (``pw-dw``): the grouped ``k x k`` conv (``r`` inputs per output) as a
+  depthwise conv over ``N*r`` channels followed by a sum over each run of ``r``.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import factorize
@@ -51,6 +66,54 @@ def _is_channels_last(weight: torch.Tensor) -> bool:
             and strides != _canonical_strides(weight.shape, False))
 
 
+PLAIN = "plain"
+LAYOUT_OPTIONS = {
+    "dw-pw": ("channels_last", "matmul", "repeat"),
+    "pw-dw": ("channels_last", "matmul", "dwsum"),
+    "cp": ("channels_last", "matmul"),
+}
+
+
+def layout_options(form: str, layout: str) -> frozenset[str]:
+    """The options of ``layout`` (``"a+b"``), checked against ``form``."""
+    if layout == PLAIN:
+        return frozenset()
+    options = frozenset(layout.split("+")) if isinstance(layout, str) else frozenset({None})
+    allowed = LAYOUT_OPTIONS[form]
+    unknown = sorted(str(o) for o in options - set(allowed))
+    if unknown or not options:
+        raise ValueError(f"layout {layout!r} is not valid for {form}: use 'plain' or a "
+                         f"'+'-joined subset of {', '.join(allowed)}")
+    if {"channels_last", "matmul"} <= options:
+        raise ValueError(f"layout {layout!r}: matmul reads NCHW memory and cannot be "
+                         "combined with channels_last")
+    return options
+
+
+def _spatial_forward(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, groups: int,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """``layer``'s convolution (same stride, padding, dilation) with another kernel view."""
+    padding = layer.padding
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    return F.conv2d(x, weight, bias, layer.stride, padding, layer.dilation, groups)
+
+
+def _pointwise_forward(layer: nn.Conv2d, x: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """A 1x1 layer, as a matrix product ``(N, C) @ (B, C, H*W)`` when ``matmul``."""
+    if not matmul or layer.groups != 1:
+        return layer(x)
+    b, c, h, w = x.shape
+    weight = layer.weight.reshape(layer.out_channels, c)
+    flat = x.reshape(b, c, h * w)
+    if layer.bias is None:
+        out = torch.matmul(weight, flat)
+    else:
+        out = torch.baddbmm(layer.bias.view(1, -1, 1), weight.expand(b, -1, -1), flat)
+    return out.view(b, layer.out_channels, h, w)
+
+
 def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` with the canonical channels_last strides, even for size-1 dims."""
     out = torch.empty_strided(t.shape, _canonical_strides(t.shape, True), dtype=t.dtype,
@@ -68,9 +131,11 @@ class FactorizedConv2d(nn.Module):
     form: str = ""
 
     def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
-                 **conv_args: Any) -> None:
+                 layout: str = PLAIN, **conv_args: Any) -> None:
         super().__init__()
         self.rank = rank
+        self.layout = layout
+        self._options = layout_options(self.form, layout)
         # The last layer gets a bias if the original had one, or if asked (a refit on
         # calibration data can then correct the output's mean).
         self.out_bias = out_bias or conv_args["bias"]
@@ -91,7 +156,22 @@ class FactorizedConv2d(nn.Module):
             spec["channels_last"] = True
         if self.out_bias and not self.conv_args["bias"]:
             spec["out_bias"] = True
+        if self.layout != PLAIN:
+            spec["layout"] = self.layout
         return spec
+
+    def set_layout(self, layout: str) -> None:
+        """Run the same weights in another layout (see the module docstring)."""
+        self._options = layout_options(self.form, layout)
+        self.layout = layout
+        fmt = torch.channels_last if self.channels_last or "channels_last" in self._options \
+            else torch.contiguous_format
+        with torch.no_grad():
+            for layer in self.layers():
+                if not layer.weight.is_contiguous(memory_format=fmt):
+                    strided = _as_channels_last(layer.weight) if fmt == torch.channels_last \
+                        else layer.weight.contiguous()
+                    layer.weight = nn.Parameter(strided, requires_grad=layer.weight.requires_grad)
 
     def _spatial(self, in_channels, out_channels, groups, bias, device, dtype) -> nn.Conv2d:
         a = self.conv_args
@@ -123,12 +203,21 @@ class FactorizedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for layer in self.children():
-            x = layer(x)
-        return x
+        if not self._options:
+            for layer in self.children():
+                x = layer(x)
+            return x
+        if "channels_last" in self._options and not self.channels_last:
+            return self._arranged(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._arranged(x)
+
+    def _arranged(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain run with this module's layout options; each form defines it."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"form={self.form!r}, rank={self.rank}"
+        layout = "" if self.layout == PLAIN else f", layout={self.layout!r}"
+        return f"form={self.form!r}, rank={self.rank}{layout}"
 
     def _load(self, conv: nn.Conv2d, weights: list[torch.Tensor]) -> None:
         """Copy factor weights (float64) and the original bias into the layers."""
@@ -145,6 +234,8 @@ class FactorizedConv2d(nn.Module):
                 layers[-1].bias.copy_(conv.bias)
             elif layers[-1].bias is not None:
                 layers[-1].bias.zero_()
+        if self.layout != PLAIN:
+            self.set_layout(self.layout)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, **options: Any) -> FactorizedConv2d:
@@ -192,12 +283,27 @@ class DwPwConv2d(FactorizedConv2d):
     form = "dw-pw"
 
     def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
-                 device=None, dtype=None, **conv_args: Any) -> None:
-        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, **conv_args)
+                 layout: str = PLAIN, device=None, dtype=None, **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, layout=layout,
+                         **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
         bias = self.out_bias
         self.conv_dw = self._spatial(m, m * rank, m, False, device, dtype)
         self.conv_pw = self._pointwise(m * rank, n, g, bias, device, dtype)
+        if layout != PLAIN:
+            self.set_layout(layout)
+
+    def _arranged(self, x: torch.Tensor) -> torch.Tensor:
+        if "repeat" in self._options and self.rank > 1:
+            # (B, M, H, W) -> (B, M*r, H, W), channel m*r + j = input channel m: the order
+            # of the multiplier-r kernel's outputs, so its weight serves unchanged.
+            dw = self.conv_dw
+            x = _spatial_forward(dw, x.repeat_interleave(self.rank, dim=1), dw.weight,
+                                 dw.out_channels, dw.bias)
+        else:
+            x = self.conv_dw(x)
+        return _pointwise_forward(self.conv_pw, x, "matmul" in self._options
+                                  and not self.channels_last)
 
 
 
@@ -212,12 +318,28 @@ class PwDwConv2d(FactorizedConv2d):
     form = "pw-dw"
 
     def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
-                 device=None, dtype=None, **conv_args: Any) -> None:
-        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, **conv_args)
+                 layout: str = PLAIN, device=None, dtype=None, **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, layout=layout,
+                         **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
         bias = self.out_bias
         self.conv_pw = self._pointwise(m, n * rank, g, False, device, dtype)
         self.conv_dw = self._spatial(n * rank, n, n, bias, device, dtype)
+        if layout != PLAIN:
+            self.set_layout(layout)
+
+    def _arranged(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pointwise_forward(self.conv_pw, x, "matmul" in self._options
+                               and not self.channels_last)
+        if "dwsum" not in self._options or self.rank == 1:
+            return self.conv_dw(x)
+        # (B, N*r, H, W) -> depthwise -> (B, N, r, H', W') -> sum over r: the grouped
+        # kernel (N, r, kh, kw) seen as N*r single-channel kernels.
+        dw = self.conv_dw
+        y = _spatial_forward(dw, x, dw.weight.reshape(-1, 1, *dw.kernel_size), dw.in_channels,
+                             None)
+        y = y.unflatten(1, (self.out_channels, self.rank)).sum(2)
+        return y if dw.bias is None else y + dw.bias.view(1, -1, 1, 1)
 
 
 
@@ -232,14 +354,22 @@ class CPConv2d(FactorizedConv2d):
     form = "cp"
 
     def __init__(self, rank: int, *, channels_last: bool = False, out_bias: bool = False,
-                 device=None, dtype=None, **conv_args: Any) -> None:
-        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, **conv_args)
+                 layout: str = PLAIN, device=None, dtype=None, **conv_args: Any) -> None:
+        super().__init__(rank, channels_last=channels_last, out_bias=out_bias, layout=layout,
+                         **conv_args)
         m, n, g = self.in_channels, self.out_channels, self.groups
         bias = self.out_bias
         width = g * rank
         self.conv_pw_in = self._pointwise(m, width, g, False, device, dtype)
         self.conv_dw = self._spatial(width, width, width, False, device, dtype)
         self.conv_pw_out = self._pointwise(width, n, g, bias, device, dtype)
+        if layout != PLAIN:
+            self.set_layout(layout)
+
+    def _arranged(self, x: torch.Tensor) -> torch.Tensor:
+        matmul = "matmul" in self._options and not self.channels_last
+        x = _pointwise_forward(self.conv_pw_in, x, matmul)
+        return _pointwise_forward(self.conv_pw_out, self.conv_dw(x), matmul)
 
 
 
@@ -252,4 +382,5 @@ def build_empty(spec: dict[str, Any], *, device=None, dtype=None) -> FactorizedC
     """Rebuild an unfilled module from :meth:`FactorizedConv2d.spec`."""
     cls = FORM_CLASSES[spec["form"]]
     return cls(spec["rank"], channels_last=spec.get("channels_last", False),
-               out_bias=spec.get("out_bias", False), device=device, dtype=dtype, **spec["conv"])
+               out_bias=spec.get("out_bias", False), layout=spec.get("layout", PLAIN),
+               device=device, dtype=dtype, **spec["conv"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .costs import Geometry, conv_macs, conv_params, form_macs, form_params
@@ -40,11 +40,14 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One way to treat a conv: a form at a rank, or (``form=None``) keep it."""
+    """One way to treat a conv: a form at a rank, or (``form=None``) keep it.
+
+    ``cost`` is in MACs or parameters, or in seconds for ``objective="latency"``.
+    """
 
     form: str | None
     rank: int | None
-    cost: int
+    cost: float
     error: float
 
     @property
@@ -85,7 +88,8 @@ class LayerCost:
 
 
 def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
-                on: str = "macs") -> list[Option]:
+                on: str = "macs", *, cost: Callable[[str, int], float] | None = None,
+                original: float | None = None) -> list[Option]:
     """The Pareto-efficient options of a layer, cheapest first, ending with keeping it.
 
     Args:
@@ -93,19 +97,25 @@ def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
         curves: per form, the error at rank 1, 2, ... (index ``r - 1``), listed
             up to the highest useful rank.
         on: ``"macs"`` or ``"params"``.
+        cost: another cost of ``(form, rank)``, such as measured seconds, with
+            ``original`` the cost of keeping the conv; options that cost no less
+            than ``original`` are dropped.
     """
+    if cost is None:
+        cost, original = (lambda form, rank: layer.cost(form, rank, on)), layer.original(on)
     candidates = [
-        Option(form, rank, layer.cost(form, rank, on), float(error))
+        Option(form, rank, cost(form, rank), float(error))
         for form, errors in curves.items()
         for rank, error in enumerate(errors, start=1)
     ]
+    candidates = [o for o in candidates if o.cost < original]
     candidates.sort(key=lambda o: (o.cost, o.error))
     options, best = [], math.inf
     for option in candidates:
         if option.error < best:
             options.append(option)
             best = option.error
-    options.append(Option(None, None, layer.original(on), 0.0))
+    options.append(Option(None, None, original, 0.0))
     return options
 
 

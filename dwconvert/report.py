@@ -12,6 +12,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .latency import format_seconds
+
 
 @dataclass
 class LayerRecord:
@@ -35,6 +37,10 @@ class LayerRecord:
         reason: why the layer was skipped, or a note on its conversion.
         convertible: whether the conv could be converted at all (not 1x1, not
             depthwise, not excluded); a convertible conv may still be kept.
+        time_before / time_after: measured seconds per call of the original conv
+            and of what replaced it, at its input from the example inputs (``None``
+            when nothing was timed).
+        layout: the layout of the factorized module (see docs/latency.md).
     """
 
     name: str
@@ -51,10 +57,20 @@ class LayerRecord:
     output_error: float | None = None
     reason: str = ""
     convertible: bool = False
+    time_before: float | None = None
+    time_after: float | None = None
+    layout: str | None = None
 
     @property
     def converted(self) -> bool:
         return self.status == "converted"
+
+    @property
+    def time_rose(self) -> bool:
+        """Converted with fewer MACs, yet measured slower than the original conv."""
+        return (self.converted and self.time_before is not None and self.time_after is not None
+                and self.macs_after is not None and self.macs_after < self.macs_before
+                and self.time_after > self.time_before)
 
 
 @dataclass
@@ -75,6 +91,10 @@ class ConversionReport:
     budget_on: str = "macs"
     budget_scope: str = "model"
     notes: list[str] = field(default_factory=list)
+    objective: str = "macs"
+    speedup_target: float | None = None
+    time_before: float | None = None
+    time_after: float | None = None
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -101,6 +121,13 @@ class ConversionReport:
         return sum(r.macs_after if r.converted else r.macs_before for r in chosen) / before
 
     @property
+    def speedup(self) -> float | None:
+        """Measured model time before / after (``None`` when not timed)."""
+        if not self.time_before or not self.time_after:
+            return None
+        return self.time_before / self.time_after
+
+    @property
     def param_ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else math.nan
 
@@ -109,6 +136,7 @@ class ConversionReport:
         data["mac_ratio"] = self.mac_ratio
         data["conv_mac_ratio"] = self.conv_mac_ratio
         data["param_ratio"] = self.param_ratio
+        data["speedup"] = self.speedup
         return data
 
     def table(self) -> str:
@@ -128,13 +156,21 @@ class ConversionReport:
                 format_count(r.params_after if r.converted else r.params_before),
                 "" if r.weight_error is None else f"{r.weight_error:.3f}",
                 "" if r.output_error is None else f"{r.output_error:.3f}",
+                format_seconds(r.time_before),
+                format_seconds(r.time_after),
+                r.layout or "",
                 r.reason,
             ])
         headers = ["layer", "form", "rank", "MACs", "MACs after", "params", "params after",
-                   "weight err", "output err", "note"]
+                   "weight err", "output err", "time", "time after", "layout", "note"]
+        unused = []
         if all(r.output_error is None for r in self.layers):
-            headers.remove("output err")
-            rows = [row[:8] + row[9:] for row in rows]
+            unused.append(headers.index("output err"))
+        if all(r.time_before is None for r in self.layers):
+            unused += [headers.index(h) for h in ("time", "time after", "layout")]
+        keep = [i for i in range(len(headers)) if i not in unused]
+        headers = [headers[i] for i in keep]
+        rows = [[row[i] for i in keep] for row in rows]
         return tabulate(rows, headers=headers, disable_numparse=True)
 
     def summary(self) -> str:
@@ -160,6 +196,12 @@ class ConversionReport:
             f"({self.param_ratio:.3f} of the original"
             + (budget if self.budget_on == "params" else "") + ")"
         )
+        if self.speedup is not None:
+            target = "" if self.speedup_target is None else \
+                f", target {self.speedup_target:.2f}x"
+            lines.append(f"measured time {format_seconds(self.time_before)} -> "
+                         f"{format_seconds(self.time_after)} ({self.speedup:.2f}x faster"
+                         f"{target}; objective {self.objective})")
         lines.extend(self.notes)
         return "\n".join(lines)
 

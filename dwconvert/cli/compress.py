@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..checkpoint import save
-from ..convert import BUDGET_SCOPES, convert
+from ..convert import BUDGET_SCOPES, OBJECTIVES, convert
 from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
@@ -83,6 +83,17 @@ def add_parser(subparsers) -> None:
     amount.add_argument("--tolerance", type=parse_tolerance, default=None,
                         help="largest relative error per conv (output error with --calib); "
                              "each conv gets the cheapest form and rank within it")
+    amount.add_argument("--speedup", type=parse_speedup, default=None,
+                        help="with --objective latency: how many times faster the model "
+                             "should run, e.g. 1.5, instead of --budget")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="macs",
+                        help="what --budget counts: MACs (or --budget-on params), or the "
+                             "time measured on this machine at --input-shape, with the "
+                             "current torch threads (default: macs)")
+    parser.add_argument("--layout", default=None, metavar="LAYOUT",
+                        help="how the new layers run: auto (time each candidate and keep the "
+                             "fastest; the default with --objective latency), plain (the "
+                             "default otherwise), channels_last or matmul")
     parser.add_argument("--budget-on", choices=COST_MEASURES, default="macs",
                         help="what --budget counts (default: macs)")
     parser.add_argument("--budget-scope", choices=BUDGET_SCOPES, default="model",
@@ -103,6 +114,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cp-iters", type=int, default=100, help="ALS iterations for cp")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     parser.set_defaults(run=run)
+
+
+def parse_speedup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"speedup {text!r} should be a number >= 1, e.g. 1.5")
+    return value
 
 
 def parse_tolerance(text: str) -> float:
@@ -138,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
                             budget_scope=args.budget_scope, example_inputs=example,
                             calibration=calibration, calib_samples=args.calib_samples,
                             recalibrate_bn=args.recalibrate_bn, exclude=args.exclude,
-                            cp_iters=args.cp_iters)
+                            cp_iters=args.cp_iters, objective=args.objective,
+                            speedup=args.speedup, layout=args.layout)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
     except ValueError as err:
