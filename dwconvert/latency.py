@@ -150,7 +150,7 @@ def prepare(model: nn.Module, example: torch.Tensor, runtime: str, *, fold_bn: b
     input (see :mod:`dwconvert.layouts`); ONNX Runtime gets the plain layout, which
     its own graph optimiser rewrites.
     """
-    from .layouts import choose_layouts, factorized_modules, set_layouts
+    from .layouts import choose_layouts, factorized_modules
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
@@ -160,6 +160,12 @@ def prepare(model: nn.Module, example: torch.Tensor, runtime: str, *, fold_bn: b
     if runtime == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         example = example.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            model(example)
+    except RuntimeError as err:  # e.g. a ``view`` in the model's forward on channels_last
+        first = str(err).splitlines()[0]
+        raise RuntimeUnavailable(f"{type(model).__name__} fails in {runtime}: {first}") from None
     if relayout and factorized_modules(model):
         choose_layouts(model, example, timer)
     return lambda: model(example)

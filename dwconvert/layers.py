@@ -163,7 +163,9 @@ class FactorizedConv2d(nn.Module):
     def set_layout(self, layout: str) -> None:
         """Run the same weights in another layout (see the module docstring)."""
         self._options = layout_options(self.form, layout)
-        self.layout = layout
+        # One name per layout: its options in the order of LAYOUT_OPTIONS.
+        self.layout = "+".join(o for o in LAYOUT_OPTIONS[self.form] if o in self._options) \
+            or PLAIN
         fmt = torch.channels_last if self.channels_last or "channels_last" in self._options \
             else torch.contiguous_format
         with torch.no_grad():

@@ -6,8 +6,8 @@ memory format and the runtime, so it is measured: :func:`choose_layout` times ea
 candidate on the layer's real input and keeps the fastest.
 
 Candidates for an NCHW input: ``plain``, ``channels_last``, ``matmul`` and, for the
-forms with a multiplier-``r`` or ``r``-input spatial conv, ``repeat+matmul``
-(``dw-pw``) or ``dwsum+matmul`` (``pw-dw``). For a channels_last input (a model
+forms with a multiplier-``r`` or ``r``-input spatial conv, ``matmul+repeat``
+(``dw-pw``) or ``matmul+dwsum`` (``pw-dw``). For a channels_last input (a model
 that runs channels_last) ``plain`` and ``repeat`` / ``dwsum``.
 """
 
@@ -33,7 +33,7 @@ def candidate_layouts(form: str, channels_last_input: bool) -> list[str]:
     spatial = _SPATIAL_OPTION.get(form)
     if channels_last_input:
         return [PLAIN] + ([spatial] if spatial else [])
-    return [PLAIN, "channels_last", "matmul"] + ([f"{spatial}+matmul"] if spatial else [])
+    return [PLAIN, "channels_last", "matmul"] + ([f"matmul+{spatial}"] if spatial else [])
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -150,3 +150,20 @@ def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
     if not os.access(out.parent, os.W_OK):
         raise CLIError(f"the folder of output {output!r} is not writable", EXIT_USAGE)
     return out
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temp file in the same folder, renamed)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,541 @@
+"""Latency benchmark: how much faster converted CNNs run, against the MACs they save.
+
+For each model, the original, dwconvert's conversions and the peer TensorLy-Torch
+(CP ``FactorizedConv`` at the same MACs) are timed interleaved in one process
+(warm-up, then medians) in PyTorch eager (NCHW), PyTorch channels_last and ONNX
+Runtime CPU, at batch 1 and 8, and on CUDA as well when a device is present.
+
+Rows per model and budget ``b`` (a fraction of the whole model's MACs):
+
+* ``dwconvert``: ``convert(model, budget=b, layout="auto")``, MACs objective.
+* ``dwconvert-latency``: ``convert(model, objective="latency", budget=b)``, ``b``
+  of the measured time (if out of reach, the fastest reachable, said in the row).
+* ``tltorch-cp``: ``tltorch.FactorizedConv.from_conv(conv, rank=R,
+  factorization='cp', implementation='factorized')`` on every 3x3 conv with more
+  than one input channel, ``R`` per conv so that the model keeps ``b`` of its MACs.
+
+Speedup is original time / converted time; efficiency is speedup / MAC reduction
+(1.0: the model runs as much faster as it has fewer MACs). In the PyTorch runtimes
+BatchNorm is folded into the conv before it in every model (the peer is built on
+the folded original, so it has no BatchNorm left either); ONNX Runtime folds it
+itself. Weights are random (torchvision models) or trained (the fidelity models);
+the peer's factors are not decomposed from the weights (``decompose_weights=False``)
+because its ALS takes tens of minutes on these models and values do not change time.
+
+Full run, from the repository root of a clean clone, on a quiet machine (writes
+``docs/benchmarks/latency.{md,json,png}``; prints its estimated run time first)::
+
+    bash scripts/setup.sh bench && .venv/bin/python benchmarks/latency.py
+
+A quick check::
+
+    python benchmarks/latency.py --quick --out /tmp/latency-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for path in (ROOT, HERE):  # ``examples.fashion_mnist`` and the fidelity helpers
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import dwconvert  # noqa: E402
+from dwconvert.costs import measure  # noqa: E402
+from dwconvert.latency import (  # noqa: E402
+    RUNTIMES,
+    RuntimeUnavailable,
+    prepare,
+    time_interleaved,
+)
+from dwconvert.layouts import fold_batchnorm  # noqa: E402
+from fidelity import (  # noqa: E402
+    FASHION_WEIGHTS,
+    conv_macs,
+    functional_macs,
+    mnist_weights,
+    peer_macs_per_rank,
+    peer_targets,
+    publish,
+    set_submodule,
+    write_atomic,
+)
+
+logger = logging.getLogger("latency")
+
+MODELS = ("resnet18", "resnet50", "vgg16", "fashion", "mnist")
+DEFAULT_BUDGETS = "1/2,1/3,1/4"
+DEFAULT_BATCHES = "1,8"
+METHODS = ("dwconvert", "dwconvert-latency", "tltorch-cp")
+PEER = "tltorch-cp"
+# Rough seconds to convert each model with dwconvert (2 cores), for the run-time estimate.
+CONVERT_SECONDS = {"resnet18": 40, "resnet50": 150, "vgg16": 120, "fashion": 5, "mnist": 5}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_list(allowed: Sequence[str] | None = None):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if allowed is not None and v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a comma-separated list of {', '.join(allowed or ['values'])}")
+        return values
+    return parse
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(Fraction(v.strip())) for v in text.split(",")]
+    except (ValueError, ZeroDivisionError):
+        budgets = []
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets are fractions in (0, 1], e.g. 1/3")
+    return budgets
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(v) for v in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes are positive ints, e.g. 1,8")
+    return batches
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=parse_list(MODELS), default=list(MODELS))
+    parser.add_argument("--budgets", type=parse_budgets, default=parse_budgets(DEFAULT_BUDGETS))
+    parser.add_argument("--batches", type=parse_batches, default=parse_batches(DEFAULT_BATCHES))
+    parser.add_argument("--runtimes", type=parse_list(RUNTIMES), default=list(RUNTIMES))
+    parser.add_argument("--methods", type=parse_list(METHODS), default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even if present")
+    parser.add_argument("--quick", action="store_true",
+                        help="resnet18 and mnist, budget 1/3, batch 1, 5 repeats")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks")
+    parser.add_argument("--verbose", action="store_true", help="dwconvert's per-layer log")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models = [m for m in args.models if m in ("resnet18", "mnist")] or ["mnist"]
+        args.budgets, args.batches, args.repeats, args.warmup = [1 / 3], [1], 5, 2
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--threads and --repeats must be at least 1, --warmup at least 0")
+    return args
+
+
+def budget_label(budget: float) -> str:
+    fraction = Fraction(budget).limit_denominator(16)
+    return str(fraction) if abs(float(fraction) - budget) < 1e-9 else f"{budget:g}"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A benchmark model in eval mode and the shape of one input image."""
+    if name in ("resnet18", "resnet50", "vgg16"):
+        import torchvision
+
+        torch.manual_seed(0)
+        return getattr(torchvision.models, name)(weights=None).eval(), (3, 224, 224)
+    if name == "fashion":
+        from safetensors.torch import load_file
+
+        from examples.fashion_mnist.model import FashionResNet
+
+        model = FashionResNet()
+        model.load_state_dict(load_file(str(FASHION_WEIGHTS)))
+        return model.eval(), (1, 28, 28)
+    from digit_recognizer.model import CNN
+
+    model = CNN()
+    model.load_state_dict(torch.load(mnist_weights(), map_location="cpu", weights_only=True))
+    return model.eval(), (1, 28, 28)
+
+
+def peer_model(model: nn.Module, x: torch.Tensor, budget: float) -> tuple[nn.Module | None, str]:
+    """TensorLy-Torch CP convs keeping ``budget`` of the model's MACs, on the folded model."""
+    import tltorch
+
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded)
+    targets = peer_targets(folded, x)
+    total = measure(folded, (x,)).macs
+    replaced = sum(conv_macs(conv, shape) for conv, shape in targets.values())
+    fraction = (budget * total - (total - replaced)) / replaced if replaced else 0
+    ranks = {name: int(fraction * conv_macs(conv, shape) // peer_macs_per_rank(conv, shape))
+             for name, (conv, shape) in targets.items()}
+    if not targets or min(ranks.values()) < 1:
+        return None, f"unreachable at budget {budget_label(budget)}"
+    for name, rank in ranks.items():
+        conv = folded.get_submodule(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            set_submodule(folded, name, tltorch.FactorizedConv.from_conv(
+                conv, rank=rank, factorization="cp", implementation="factorized",
+                decompose_weights=False))
+    return folded.eval(), ""
+
+
+def build_variants(name: str, model: nn.Module, x: torch.Tensor, budgets: Sequence[float],
+                   methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Every converted model of one benchmark model, with its MACs and how it was made."""
+    original_macs = measure(model, (x,)).macs
+    variants = []
+    for budget in budgets:
+        for method in methods:
+            row: dict[str, Any] = {"method": method, "budget": budget,
+                                   "label": f"{method} @ {budget_label(budget)}", "note": ""}
+            start = time.perf_counter()
+            try:
+                if method == PEER:
+                    converted, row["note"] = peer_model(model, x, budget)
+                    if converted is not None:
+                        row["macs"] = functional_macs(converted, x)
+                else:
+                    converted = convert(model, x, budget, method, row)
+                    row["macs"] = converted.dwconvert_report.macs_after
+            except Exception as err:  # one failed row must not sink the benchmark
+                logger.exception("%s %s failed", name, row["label"])
+                converted, row["note"] = None, f"error: {type(err).__name__}: {err}"
+            row["convert_s"] = time.perf_counter() - start
+            if converted is not None:
+                row["model"] = converted
+                row["mac_reduction"] = original_macs / row["macs"]
+            logger.info("%s %s: %.1f s%s", name, row["label"], row["convert_s"],
+                        f" ({row['note']})" if row["note"] else "")
+            variants.append(row)
+    return variants
+
+
+def convert(model: nn.Module, x: torch.Tensor, budget: float, method: str, row: dict):
+    if method == "dwconvert":
+        return dwconvert.convert(model, budget=budget, layout="auto", example_inputs=x)
+    try:
+        return dwconvert.convert(model, objective="latency", budget=budget, example_inputs=x)
+    except dwconvert.BudgetError as err:
+        reachable = min(1.0, err.minimum * 1.02)
+        row["note"] = (f"{budget_label(budget)} of the time out of reach; "
+                       f"converted at {reachable:.2f} of the time")
+        return dwconvert.convert(model, objective="latency", budget=reachable,
+                                 example_inputs=x)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_runtime(original: nn.Module, variants: list[dict], x: torch.Tensor, runtime: str,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds of the original and of every variant in one runtime, timed interleaved."""
+    calls, skipped = {}, {}
+    contenders = {"original": original,
+                  **{v["label"]: v["model"] for v in variants if "model" in v}}
+    for label, model in contenders.items():
+        try:
+            calls[label] = prepare(model, x, runtime)
+        except RuntimeUnavailable as err:
+            skipped[label] = str(err)
+        except Exception as err:  # e.g. a model the ONNX exporter cannot export
+            skipped[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if label == "original" and label in skipped:
+            return {"seconds": {}, "skipped": skipped}
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    seconds = time_interleaved(calls, warmup=args.warmup, repeats=args.repeats, sync=sync)
+    return {"seconds": seconds, "skipped": skipped}
+
+
+def settings(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(device, runtime, batch) to time."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
+    return [(device, runtime, batch) for device in devices for runtime in args.runtimes
+            if not (device == "cuda" and runtime == "onnxruntime") for batch in args.batches]
+
+
+def estimate_seconds(args: argparse.Namespace) -> float:
+    """A rough run time: conversions plus timed calls, from one timed call of each model."""
+    total = 0.0
+    variants = len(args.budgets) * len(args.methods)
+    for name in args.models:
+        model, shape = load_model(name)
+        x = torch.randn(1, *shape)
+        with torch.inference_mode():
+            model(x)
+            start = time.perf_counter()
+            model(x)
+            once = time.perf_counter() - start
+        per_setting = sum(once * batch * (1 + 0.6 * variants) * (args.warmup + args.repeats)
+                          for batch in args.batches)
+        # ONNX Runtime is faster per call, but exports each model; call it the same.
+        total += per_setting * len(args.runtimes) + CONVERT_SECONDS[name] * \
+            len(args.budgets) * sum(m != PEER for m in args.methods)
+    return total
+
+
+def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    model, shape = load_model(name)
+    x = torch.randn(1, *shape)
+    variants = build_variants(name, model, x, args.budgets, args.methods)
+    result: dict[str, Any] = {
+        "input": list(shape), "macs": measure(model, (x,)).macs,
+        "params": sum(p.numel() for p in model.parameters()),
+        "variants": [{k: v for k, v in row.items() if k != "model"} for row in variants],
+        "timings": [],
+    }
+    for device, runtime, batch in settings(args):
+        xb = torch.randn(batch, *shape, device=device)
+        original = model.to(device)
+        for row in variants:
+            if "model" in row:
+                row["model"] = row["model"].to(device)
+        logger.info("%s: timing %s %s batch %d", name, device, runtime, batch)
+        timed = time_runtime(original, variants, xb, runtime, args)
+        result["timings"].append({"device": device, "runtime": runtime, "batch": batch,
+                                  **timed})
+    model.to("cpu")
+    return result
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def speedup(model: dict, device: str, runtime: str, batch: int, label: str) -> float | None:
+    for timing in model["timings"]:
+        if (timing["device"], timing["runtime"], timing["batch"]) == (device, runtime, batch):
+            seconds = timing["seconds"]
+            if "original" in seconds and label in seconds:
+                return seconds["original"] / seconds[label]
+    return None
+
+
+def check_targets(results: dict) -> list[dict[str, Any]]:
+    """The project's latency targets, each with the measured figure."""
+    models, targets = results["models"], []
+    resnet = models.get("resnet18")
+    third = next((b for b in results["meta"]["budgets"] if abs(b - 1 / 3) < 1e-9), None)
+    if resnet and third is not None:
+        for runtime, goal in (("onnxruntime", 1.8), ("eager", 1.6)):
+            value = speedup(resnet, "cpu", runtime, 1, f"dwconvert @ {budget_label(third)}")
+            targets.append({"target": f"resnet18, budget 1/3, batch 1, {runtime}: >= {goal}x",
+                            "measured": value, "met": value is not None and value >= goal})
+    slower = []
+    checked = 0
+    for name, model in models.items():
+        for timing in model["timings"]:
+            for label, seconds in timing["seconds"].items():
+                if label.startswith("dwconvert-latency"):
+                    checked += 1
+                    if seconds > timing["seconds"]["original"]:
+                        slower.append(f"{name} {timing['device']} {timing['runtime']} "
+                                      f"b{timing['batch']} {label}")
+    if checked:
+        targets.append({"target": "objective=latency never slower than the original",
+                        "measured": f"{checked - len(slower)} of {checked} not slower"
+                        + (f"; slower: {', '.join(slower)}" if slower else ""),
+                        "met": not slower})
+    behind = []
+    compared = 0
+    for name, model in models.items():
+        for timing in model["timings"]:
+            seconds = timing["seconds"]
+            for budget in results["meta"]["budgets"]:
+                ours = [seconds.get(f"{m} @ {budget_label(budget)}")
+                        for m in ("dwconvert", "dwconvert-latency")]
+                ours = [s for s in ours if s is not None]
+                peer = seconds.get(f"{PEER} @ {budget_label(budget)}")
+                if ours and peer is not None:
+                    compared += 1
+                    if min(ours) >= peer:
+                        behind.append(f"{name} {timing['device']} {timing['runtime']} "
+                                      f"b{timing['batch']} @ {budget_label(budget)}")
+    if compared:
+        targets.append({"target": "faster than tltorch-cp at equal MACs (best dwconvert row)",
+                        "measured": f"{compared - len(behind)} of {compared} settings ahead"
+                        + (f"; behind: {', '.join(behind)}" if behind else ""),
+                        "met": not behind})
+    return targets
+
+
+# --------------------------------------------------------------------------- report
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_section(name: str, model: dict) -> str:
+    timings = model["timings"]
+    headers = ["row", "MACs kept"] + [
+        f"{t['runtime']}{'' if t['device'] == 'cpu' else ' ' + t['device']} b{t['batch']}"
+        for t in timings]
+    rows = [["original", "1.000"] + [
+        f"{t['seconds']['original'] * 1e3:.2f} ms" if "original" in t["seconds"] else "n/a"
+        for t in timings]]
+    notes = []
+    for variant in model["variants"]:
+        label = variant["label"]
+        if "macs" not in variant:
+            rows.append([label, "-"] + ["-"] * len(timings))
+            notes.append(f"{label}: {variant['note']}")
+            continue
+        cells = [label, f"{1 / variant['mac_reduction']:.3f}"]
+        for t in timings:
+            seconds = t["seconds"]
+            if label in seconds and "original" in seconds:
+                gain = seconds["original"] / seconds[label]
+                cells.append(f"{gain:.2f}x ({gain / variant['mac_reduction']:.2f})")
+            else:
+                cells.append("n/a")
+        rows.append(cells)
+        if variant["note"]:
+            notes.append(f"{label}: {variant['note']}")
+    for t in timings:
+        for label, why in t["skipped"].items():
+            notes.append(f"{t['runtime']} b{t['batch']}, {label}: not timed ({why})")
+    shape = "x".join(map(str, model["input"]))
+    text = [f"### {name} ({shape}, {model['macs'] / 1e6:.1f}M MACs)", "",
+            "Original: median time per call. Other rows: speedup over the original "
+            "(efficiency = speedup / MAC reduction).", "", md_table(headers, rows)]
+    if notes:
+        text += [""] + [f"- {n}" for n in sorted(set(notes))]
+    return "\n".join(text)
+
+
+def markdown_report(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Latency benchmark", "",
+        f"Generated by `{meta['command']}` on {meta['date']}: torch {meta['torch']}, "
+        f"onnxruntime {meta['onnxruntime']}, {meta['threads']} thread(s), {meta['machine']}"
+        f"{', ' + meta['cuda'] if meta['cuda'] else ''}. Medians of {meta['repeats']} "
+        f"interleaved calls after {meta['warmup']} warm-up calls; run time "
+        f"{meta['seconds'] / 60:.1f} min. Budgets are fractions of each model's MACs; "
+        "see benchmarks/README.md for how each row is made.", "",
+        "## Targets", "",
+        md_table(["target", "measured", "met"],
+                 [[t["target"], f"{t['measured']:.2f}x" if isinstance(t["measured"], float)
+                   else t["measured"], "yes" if t["met"] else "**no**"]
+                  for t in results["targets"]]),
+        "", "## Results", "",
+    ]
+    for name, model in results["models"].items():
+        lines += [model_section(name, model), ""]
+    lines.append("![speedup against MAC reduction](latency.png)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Speedup against MAC reduction, one subplot per (device, runtime), batch 1 if timed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(t["device"], t["runtime"]) for m in results["models"].values()
+                     for t in m["timings"]})
+    batch = min(results["meta"]["batches"])
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.5),
+                                squeeze=False)
+    markers = {"dwconvert": "o", "dwconvert-latency": "s", PEER: "x"}
+    for axis, (device, runtime) in zip(axes[0], panels):
+        top = 1.0
+        for name, model in results["models"].items():
+            for method, marker in markers.items():
+                points = []
+                for variant in model["variants"]:
+                    if variant["method"] != method or "macs" not in variant:
+                        continue
+                    gain = speedup(model, device, runtime, batch, variant["label"])
+                    if gain is not None:
+                        points.append((variant["mac_reduction"], gain))
+                if points:
+                    top = max(top, *(max(p) for p in points))
+                    axis.scatter(*zip(*points), marker=marker, label=f"{name} {method}")
+        axis.plot([1, top], [1, top], color="black", linewidth=1, linestyle="--",
+                  label="speedup = MAC reduction")
+        axis.axhline(1, color="grey", linewidth=1)
+        axis.set_xlabel("MAC reduction (x)")
+        axis.set_ylabel("speedup (x)")
+        axis.set_title(f"{runtime} ({device}), batch {batch}")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        figure.savefig(temp, format="png", dpi=110)
+        publish(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+
+
+def metadata(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    import onnxruntime
+
+    command = " ".join(["python benchmarks/latency.py",
+                        *(sys.argv[1:] if argv is None else argv)])
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.no_cuda \
+        else ""
+    return {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "cuda": cuda, "models": args.models, "budgets": args.budgets,
+            "batches": args.batches, "runtimes": args.runtimes, "methods": args.methods,
+            "warmup": args.warmup, "repeats": args.repeats}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("dwconvert").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    torch.set_num_threads(args.threads)
+    estimate = estimate_seconds(args)
+    print(f"estimated run time: {estimate / 60:.0f} min", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"meta": metadata(args, argv), "models": {}}
+    for name in args.models:
+        results["models"][name] = benchmark_model(name, args)
+    results["meta"]["seconds"] = time.perf_counter() - start
+    results["meta"]["estimated_seconds"] = estimate
+    results["targets"] = check_targets(results)
+    report = markdown_report(results)
+    write_atomic(args.out / "latency.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out / "latency.md", report)
+    plot(results, args.out / "latency.png")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
