@@ -1,0 +1,109 @@
+"""``dwconvert bench`` and ``compress --objective latency`` on the pretrained MNIST CNN.
+
+Timings are whatever this machine gives; the tests check what holds at any speed:
+the table and JSON agree with each other, MAC reductions match MACs counted here,
+and a latency conversion keeps no layer that it measured slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import count_macs
+
+import dwconvert
+from dwconvert.cli.common import EXIT_OK, EXIT_USAGE
+from dwconvert.cli.main import main
+
+CNN_ARCH = "digit_recognizer.model:CNN"
+CNN_PATH = (Path(importlib.util.find_spec("digit_recognizer").origin).parent
+            / "models" / "handwriting_model.pth")
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+
+
+def _cnn():
+    from digit_recognizer.model import CNN
+
+    model = CNN()
+    model.load_state_dict(torch.load(CNN_PATH, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def converted_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "cnn-cp.safetensors"
+    code = main(["compress", str(CNN_PATH), "-o", str(path), "--arch", CNN_ARCH,
+                 "--input-shape", "1,28,28", "--form", "cp", "--budget", "0.5",
+                 "--cp-iters", "10"])
+    assert code == EXIT_OK
+    return path
+
+
+def test_bench_a_converted_checkpoint(converted_path, tmp_path, capsys):
+    capsys.readouterr()
+    out_json = tmp_path / "bench.json"
+    code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
+                 "--batch", "1,2", "--runtimes", "eager,onnxruntime", "--repeats", "2",
+                 "--warmup", "1", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    results = json.loads(out_json.read_text())["results"]
+    assert [(r["runtime"], r["batch"]) for r in results] == [
+        ("eager", 1), ("eager", 2), ("onnxruntime", 1), ("onnxruntime", 2)]
+    x = torch.randn(1, 1, 28, 28)
+    reduction = count_macs(_cnn(), x) / count_macs(dwconvert.load(converted_path), x)
+    for row in results:
+        assert row["original_s"] > 0 and row["converted_s"] > 0
+        assert row["speedup"] == pytest.approx(row["original_s"] / row["converted_s"])
+        assert row["mac_reduction"] == pytest.approx(reduction)
+        assert row["efficiency"] == pytest.approx(row["speedup"] / reduction)
+        assert f"{row['speedup']:.2f}x" in out
+    # The JSON is not overwritten without --force.
+    code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
+                 "--runtimes", "eager", "--repeats", "1", "--json", str(out_json)])
+    assert code == EXIT_USAGE
+    assert "--force" in capsys.readouterr().err
+
+
+def test_bench_converts_when_given_only_the_original(capsys):
+    code = main(["bench", str(CNN_PATH), "--arch", CNN_ARCH, "--input-shape", "1,28,28",
+                 "--budget", "0.5", "--runtimes", "eager", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "model MACs" in out and "eager" in out and "efficiency" in out
+
+
+def test_bench_rejects_a_bad_runtime(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["bench", str(CNN_PATH), "--input-shape", "1,28,28", "--runtimes", "tvm"])
+    assert err.value.code == EXIT_USAGE
+    assert "tvm" in capsys.readouterr().err
+
+
+def test_compress_objective_latency_keeps_only_faster_layers(tmp_path, capsys):
+    output = tmp_path / "cnn-fast.safetensors"
+    code = main(["compress", str(CNN_PATH), "-o", str(output), "--arch", CNN_ARCH,
+                 "--input-shape", "1,28,28", "--objective", "latency", "--speedup", "1.0",
+                 "--cp-iters", "10"])
+    out = capsys.readouterr().out
+    # Converting nothing is a valid outcome on a slow machine (exit 4 then, nothing written).
+    if code == EXIT_OK:
+        assert "measured time" in out
+        report = dwconvert.checkpoint.read_recipe(output)["extra"]["report"]
+        for layer in report["layers"]:
+            if layer["status"] == "converted":
+                assert layer["time_after"] < layer["time_before"]
+    else:
+        assert not output.exists()
+
+
+def test_speedup_needs_objective_latency(tmp_path, capsys):
+    code = main(["compress", str(CNN_PATH), "-o", str(tmp_path / "x.safetensors"), "--arch",
+                 CNN_ARCH, "--input-shape", "1,28,28", "--speedup", "1.5"])
+    assert code == EXIT_USAGE
+    assert "objective" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""objective="latency" with an injected, deterministic timer; the timing helpers.
+
+The fake timer gives each conv a time proportional to its MACs (counted by the
+formulas in conftest, independently of dwconvert), times a slowdown per form, so
+every expected choice follows from arithmetic and no test depends on this
+machine's speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import closed_form_macs, original_macs
+from torch import nn
+
+import dwconvert
+from dwconvert import FactorizedConv2d
+from dwconvert.latency import MedianTimer, capture_inputs, time_interleaved
+from dwconvert.speed import TIMED_RANKS, LayerTimes, timed_ranks
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NS = 1e-9  # fake seconds per MAC
+
+
+class FakeTimer:
+    """Seconds = MACs * NS * slowdown[form]; records what it was asked to time."""
+
+    def __init__(self, slowdown: dict[str, float], layout_stage_slowdown: float = 1.0):
+        self.slowdown = slowdown
+        # Applied when the contenders are one module's layouts (after conversion).
+        self.layout_stage_slowdown = layout_stage_slowdown
+        self.calls: list[list[str]] = []
+
+    def seconds(self, module: nn.Module, inputs, layout_stage: bool) -> float:
+        total = 0.0
+
+        def hook(m, args, out):
+            nonlocal total
+            hw_in = args[0].shape[-2] * args[0].shape[-1]
+            hw_out = out.shape[-2] * out.shape[-1]
+            if isinstance(m, FactorizedConv2d):
+                conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size,
+                                 groups=m.groups, device="meta")
+                slow = self.slowdown[m.form] * (self.layout_stage_slowdown if layout_stage
+                                                else 1.0)
+                total += closed_form_macs(m.form, conv, m.rank, hw_in, hw_out) * NS * slow
+            elif not inside[id(m)]:
+                total += original_macs(m, hw_out) * NS
+
+        inside = {}
+        for m in module.modules():
+            if isinstance(m, FactorizedConv2d):
+                for child in m.modules():
+                    inside[id(child)] = child is not m
+            inside.setdefault(id(m), False)
+        handles = [m.register_forward_hook(hook) for m in module.modules()
+                   if isinstance(m, (nn.Conv2d, FactorizedConv2d))]
+        try:
+            with torch.no_grad():
+                module(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return total
+
+    def __call__(self, modules, inputs):
+        self.calls.append(list(modules))
+        layout_stage = "original" in modules and "|" not in "".join(modules) and len(modules) > 1 \
+            and "converted" not in modules
+        return {name: self.seconds(m, inputs, layout_stage) for name, m in modules.items()}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(8, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+
+
+def example():
+    return torch.randn(1, 8, 12, 12)
+
+
+def test_latency_never_keeps_a_replacement_that_is_not_faster():
+    timer = FakeTimer({"dw-pw": 50.0, "pw-dw": 1.0, "cp": 1.0})
+    small = dwconvert.convert(Net().eval(), objective="latency", speedup=1.2,
+                              example_inputs=example(), timer=timer, cp_iters=10)
+    report = small.dwconvert_report
+    assert report.converted
+    for record in report.layers:
+        assert record.time_before is not None
+        if record.converted:
+            assert record.form != "dw-pw", "dw-pw is always 50x slower here"
+            assert record.time_after < record.time_before
+    assert report.speedup >= 1.2 * (1 - 1e-9)
+
+
+def test_layers_stay_when_no_form_is_faster():
+    timer = FakeTimer({"dw-pw": 1000.0, "pw-dw": 1000.0, "cp": 1000.0})
+    small = dwconvert.convert(Net().eval(), objective="latency", speedup=1.0,
+                              example_inputs=example(), timer=timer, cp_iters=10)
+    report = small.dwconvert_report
+    assert not report.converted
+    assert all("measured faster" in r.reason for r in report.layers), report.table()
+    assert all(type(small.get_submodule(n)) is nn.Conv2d for n in ("conv1", "conv2", "conv3"))
+
+
+def test_replacement_slower_in_the_final_check_is_reverted():
+    # Candidates look fast, but the converted module measures slower: keep the original.
+    timer = FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}, layout_stage_slowdown=100.0)
+    small = dwconvert.convert(Net().eval(), objective="latency", speedup=1.5,
+                              example_inputs=example(), timer=timer, cp_iters=10)
+    report = small.dwconvert_report
+    assert not report.converted
+    assert any("not faster than the original" in r.reason for r in report.layers)
+    x = example()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), Net().eval()(x))
+
+
+def test_unreachable_speedup_names_the_reachable_one():
+    timer = FakeTimer({"dw-pw": 50.0, "pw-dw": 1.0, "cp": 1.0})
+    with pytest.raises(dwconvert.BudgetError, match="out of reach") as err:
+        dwconvert.convert(Net().eval(), objective="latency", speedup=1000.0,
+                          example_inputs=example(), timer=timer, cp_iters=10)
+    assert 0 < err.value.minimum < 1
+
+
+def test_candidates_timed_per_layer_are_bounded():
+    timer = FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0})
+    dwconvert.convert(Net().eval(), objective="latency", budget=0.5,
+                      example_inputs=example(), timer=timer, cp_iters=10)
+    per_layer = [names for names in timer.calls if any("|" in n for n in names)]
+    assert len(per_layer) == 3
+    assert all(len(names) <= 3 * TIMED_RANKS * 4 + 1 for names in per_layer)
+
+
+def test_macs_objective_warns_where_time_rose():
+    timer = FakeTimer({"dw-pw": 50.0, "pw-dw": 50.0, "cp": 50.0})
+    small = dwconvert.convert(Net().eval(), form="cp", budget=0.5, layout="auto",
+                              example_inputs=example(), timer=timer, cp_iters=10)
+    report = small.dwconvert_report
+    assert report.converted, "the MACs objective keeps its choice"
+    rose = [r for r in report.converted if r.time_rose]
+    assert rose and all(r.time_after > r.time_before for r in rose)
+    assert any("MACs fell" in n and "time rose" in n for n in report.notes)
+    assert "time after" in report.table() and "layout" in report.table()
+
+
+def test_latency_arguments_are_checked():
+    with pytest.raises(ValueError, match="speedup needs objective='latency'"):
+        dwconvert.convert(Net(), speedup=2.0, example_inputs=example())
+    with pytest.raises(ValueError, match="example_inputs"):
+        dwconvert.convert(Net(), objective="latency")
+    with pytest.raises(ValueError, match=">= 1"):
+        dwconvert.convert(Net(), objective="latency", speedup=0.5, example_inputs=example())
+    with pytest.raises(ValueError, match="one of"):
+        dwconvert.convert(Net(), objective="latency", speedup=2.0, budget=0.5,
+                          example_inputs=example())
+    with pytest.raises(ValueError, match="objective must be"):
+        dwconvert.convert(Net(), objective="flops", example_inputs=example())
+
+
+def test_interpolated_times_are_exact_for_linear_costs():
+    assert timed_ranks(1) == [1]
+    assert timed_ranks(100) == [1, 51, 100]
+    assert timed_ranks(2) == [1, 2]
+    points = [(r, 0.5 + 0.25 * r, "plain") for r in timed_ranks(100)]
+    times = LayerTimes(original=10.0, points={"cp": points})
+    for rank in (1, 7, 51, 80, 100):
+        assert math.isclose(times.time("cp", rank), 0.5 + 0.25 * rank)
+    single = LayerTimes(original=1.0, points={"cp": [(1, 0.3, "matmul")]})
+    assert single.time("cp", 1) == 0.3 and single.layout("cp", 1) == "matmul"
+
+
+def test_real_timer_runs_interleaved_and_returns_medians():
+    conv = nn.Conv2d(4, 4, 3)
+    x = torch.randn(1, 4, 8, 8)
+    seconds = MedianTimer(warmup=1, repeats=3, min_seconds=0)({"a": conv, "b": nn.Identity()},
+                                                              (x,))
+    assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
+    order = []
+    time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                     warmup=0, repeats=2)
+    assert order == ["a", "b", "a", "b"]
+
+
+def test_capture_inputs_sees_each_layer_input():
+    net = Net().eval()
+    x = example()
+    seen = capture_inputs(net, {"conv2": net.conv2, "conv3": net.conv3}, (x,))
+    assert seen["conv2"][0].shape == (1, 32, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(seen["conv3"][0],
+                                   torch.relu(net.conv2(torch.relu(net.conv1(x)))))
