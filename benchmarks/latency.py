@@ -437,6 +437,9 @@ def markdown_report(results: dict) -> str:
         f"interleaved calls after {meta['warmup']} warm-up calls; run time "
         f"{meta['seconds'] / 60:.1f} min. Budgets are fractions of each model's MACs; "
         "see benchmarks/README.md for how each row is made.", "",
+        *([f"**Provisional**: a `--quick` run (a subset, few repeats); regenerate with "
+           f"`python benchmarks/latency.py` on a quiet machine for the published figures.", ""]
+          if meta["quick"] else []),
         "## Targets", "",
         md_table(["target", "measured", "met"],
                  [[t["target"], f"{t['measured']:.2f}x" if isinstance(t["measured"], float)
@@ -511,7 +514,7 @@ def metadata(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, 
             "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "cuda": cuda, "models": args.models, "budgets": args.budgets,
             "batches": args.batches, "runtimes": args.runtimes, "methods": args.methods,
-            "warmup": args.warmup, "repeats": args.repeats}
+            "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -262,14 +262,15 @@ class FactorizedConv2d(nn.Module):
         return module
 
     @classmethod
-    def empty_like(cls, conv: nn.Conv2d, rank: int, *, out_bias: bool = False
-                   ) -> FactorizedConv2d:
+    def empty_like(cls, conv: nn.Conv2d, rank: int, *, out_bias: bool = False,
+                   layout: str = PLAIN) -> FactorizedConv2d:
         """An unfilled module of this form for ``conv`` at ``rank``, same dtype and device."""
         return cls(
             rank,
             **conv_spec(conv),
             channels_last=_is_channels_last(conv.weight),
             out_bias=out_bias,
+            layout=layout,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )

@@ -7,8 +7,9 @@ of the other ranks is interpolated linearly between the timed ones (the work of
 every layer of a chain grows linearly with the rank). Options not faster than the
 original conv are dropped, so a conv stays as it is when nothing beats it.
 
-So per conv at most ``forms * TIMED_RANKS * layouts + 1`` modules are timed (3 x 3 x
-4 + 1 = 37), in one interleaved run.
+The layouts are timed at the middle rank of each form only, and the other ranks in
+the layout that won there, so per conv at most ``forms * (layouts + TIMED_RANKS - 1) +
+1`` modules are timed (3 x (4 + 2) + 1 = 19), in two interleaved runs.
 """
 
 from __future__ import annotations
@@ -69,23 +70,36 @@ class LayerTimes:
 
 def time_layer(conv: nn.Conv2d, inputs: Sequence[torch.Tensor], tops: Mapping[str, int],
                timer: ModuleTimer) -> LayerTimes:
-    """Time ``conv`` and its candidates up to rank ``tops[form]`` of each form."""
+    """Time ``conv`` and its candidates up to rank ``tops[form]`` of each form.
+
+    Two interleaved runs: every candidate layout of each form at its middle timed
+    rank, with the original conv; then the other timed ranks in the layout that won.
+    """
     channels_last = is_channels_last(inputs[0])
+    ranks = {form: timed_ranks(top) for form, top in tops.items()}
+    middle = {form: r[len(r) // 2] for form, r in ranks.items()}
     contenders: dict[str, nn.Module] = {ORIGINAL: conv}
-    for form, top in tops.items():
-        for rank in timed_ranks(top):
-            module = FORM_CLASSES[form].empty_like(conv, rank).eval()
-            for layout, twin in arrangements(module, channels_last).items():
-                contenders[f"{form}|{rank}|{layout}"] = twin
+    for form, rank in middle.items():
+        module = FORM_CLASSES[form].empty_like(conv, rank).eval()
+        for layout, twin in arrangements(module, channels_last).items():
+            contenders[f"{form}|{rank}|{layout}"] = twin
     seconds = timer(contenders, inputs)
-    times = LayerTimes(original=seconds[ORIGINAL])
-    best: dict[tuple[str, int], tuple[float, str]] = {}
+    times = LayerTimes(original=seconds.pop(ORIGINAL))
+    best: dict[str, tuple[float, str]] = {}
     for key, value in seconds.items():
-        if key == ORIGINAL:
-            continue
+        form, _, layout = key.split("|")
+        if form not in best or value < best[form][0]:
+            best[form] = (value, layout)
+    others: dict[str, nn.Module] = {}
+    for form, layout in ((f, b[1]) for f, b in best.items()):
+        for rank in ranks[form]:
+            if rank != middle[form]:
+                module = FORM_CLASSES[form].empty_like(conv, rank, layout=layout).eval()
+                others[f"{form}|{rank}|{layout}"] = module
+    found = {f"{form}|{middle[form]}|{b[1]}": b[0] for form, b in best.items()}
+    if others:
+        found.update(timer(others, inputs))
+    for key, value in sorted(found.items(), key=lambda kv: int(kv[0].split("|")[1])):
         form, rank, layout = key.split("|")
-        if (form, int(rank)) not in best or value < best[form, int(rank)][0]:
-            best[form, int(rank)] = (value, layout)
-    for (form, rank), (value, layout) in sorted(best.items()):
-        times.points.setdefault(form, []).append((rank, value, layout))
+        times.points.setdefault(form, []).append((int(rank), value, layout))
     return times
