@@ -7,9 +7,11 @@ Runtime CPU, at batch 1 and 8, and on CUDA as well when a device is present.
 
 Rows per model and budget ``b`` (a fraction of the whole model's MACs):
 
-* ``dwconvert``: ``convert(model, budget=b, layout="auto")``, MACs objective.
-* ``dwconvert-latency``: ``convert(model, objective="latency", budget=b)``, ``b``
-  of the measured time (if out of reach, the fastest reachable, said in the row).
+* ``dwconvert``: ``convert(model, budget=b, layout="auto", rank_multiple=8)``, MACs
+  objective.
+* ``dwconvert-latency``: ``convert(model, objective="latency", budget=b,
+  rank_multiple=8)``, ``b`` of the measured time (if out of reach, the fastest
+  reachable, said in the row).
 * ``tltorch-cp``: ``tltorch.FactorizedConv.from_conv(conv, rank=R,
   factorization='cp', implementation='factorized')`` on every 3x3 conv with more
   than one input channel, ``R`` per conv so that the model keeps ``b`` of its MACs.
@@ -86,6 +88,7 @@ DEFAULT_BUDGETS = "1/2,1/3,1/4"
 DEFAULT_BATCHES = "1,8"
 METHODS = ("dwconvert", "dwconvert-latency", "tltorch-cp")
 PEER = "tltorch-cp"
+NOISE = 0.02
 # Rough seconds to convert each model with dwconvert (2 cores), for the run-time estimate.
 CONVERT_SECONDS = {"resnet18": 40, "resnet50": 150, "vgg16": 120, "fashion": 5, "mnist": 5}
 
@@ -132,6 +135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runtimes", type=parse_list(RUNTIMES), default=list(RUNTIMES))
     parser.add_argument("--methods", type=parse_list(METHODS), default=list(METHODS))
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--rank-multiple", type=int, default=8,
+                        help="dwconvert's rank_multiple for both its rows (default 8)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even if present")
@@ -203,7 +208,7 @@ def peer_model(model: nn.Module, x: torch.Tensor, budget: float) -> tuple[nn.Mod
 
 
 def build_variants(name: str, model: nn.Module, x: torch.Tensor, budgets: Sequence[float],
-                   methods: Sequence[str]) -> list[dict[str, Any]]:
+                   methods: Sequence[str], rank_multiple: int) -> list[dict[str, Any]]:
     """Every converted model of one benchmark model, with its MACs and how it was made."""
     original_macs = measure(model, (x,)).macs
     variants = []
@@ -218,7 +223,7 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, budgets: Sequen
                     if converted is not None:
                         row["macs"] = functional_macs(converted, x)
                 else:
-                    converted = convert(model, x, budget, method, row)
+                    converted = convert(model, x, budget, method, row, rank_multiple)
                     row["macs"] = converted.dwconvert_report.macs_after
             except Exception as err:  # one failed row must not sink the benchmark
                 logger.exception("%s %s failed", name, row["label"])
@@ -233,17 +238,24 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, budgets: Sequen
     return variants
 
 
-def convert(model: nn.Module, x: torch.Tensor, budget: float, method: str, row: dict):
+def convert(model: nn.Module, x: torch.Tensor, budget: float, method: str, row: dict,
+            rank_multiple: int):
     if method == "dwconvert":
-        return dwconvert.convert(model, budget=budget, layout="auto", example_inputs=x)
-    try:
-        return dwconvert.convert(model, objective="latency", budget=budget, example_inputs=x)
-    except dwconvert.BudgetError as err:
-        reachable = min(1.0, err.minimum * 1.02)
-        row["note"] = (f"{budget_label(budget)} of the time out of reach; "
-                       f"converted at {reachable:.2f} of the time")
-        return dwconvert.convert(model, objective="latency", budget=reachable,
-                                 example_inputs=x)
+        return dwconvert.convert(model, budget=budget, layout="auto", example_inputs=x,
+                                 rank_multiple=rank_multiple)
+    asked = budget
+    for _ in range(3):  # the reachable time is measured again each try, so leave a margin
+        try:
+            converted = dwconvert.convert(model, objective="latency", budget=budget,
+                                          example_inputs=x, rank_multiple=rank_multiple)
+        except dwconvert.BudgetError as err:
+            budget = min(1.0, max(err.minimum, budget) * 1.1)
+            continue
+        if budget != asked:
+            row["note"] = (f"{budget_label(asked)} of the time out of reach; converted at "
+                           f"{budget:.2f} of the time")
+        return converted
+    raise RuntimeError(f"no latency budget up to {budget:.2f} of the time was reachable")
 
 
 # --------------------------------------------------------------------------- timing
@@ -299,7 +311,7 @@ def estimate_seconds(args: argparse.Namespace) -> float:
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model, shape = load_model(name)
     x = torch.randn(1, *shape)
-    variants = build_variants(name, model, x, args.budgets, args.methods)
+    variants = build_variants(name, model, x, args.budgets, args.methods, args.rank_multiple)
     result: dict[str, Any] = {
         "input": list(shape), "macs": measure(model, (x,)).macs,
         "params": sum(p.numel() for p in model.parameters()),
@@ -342,6 +354,8 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
             value = speedup(resnet, "cpu", runtime, 1, f"dwconvert @ {budget_label(third)}")
             targets.append({"target": f"resnet18, budget 1/3, batch 1, {runtime}: >= {goal}x",
                             "measured": value, "met": value is not None and value >= goal})
+    # An unconverted model is the original itself: allow the noise of timing one model
+    # against itself before calling a row slower.
     slower = []
     checked = 0
     for name, model in models.items():
@@ -349,11 +363,12 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
             for label, seconds in timing["seconds"].items():
                 if label.startswith("dwconvert-latency"):
                     checked += 1
-                    if seconds > timing["seconds"]["original"]:
+                    if seconds > timing["seconds"]["original"] * (1 + NOISE):
                         slower.append(f"{name} {timing['device']} {timing['runtime']} "
                                       f"b{timing['batch']} {label}")
     if checked:
-        targets.append({"target": "objective=latency never slower than the original",
+        targets.append({"target": "objective=latency never slower than the original (by more "
+                                  f"than {NOISE:.0%}, the noise of identical models)",
                         "measured": f"{checked - len(slower)} of {checked} not slower"
                         + (f"; slower: {', '.join(slower)}" if slower else ""),
                         "met": not slower})
@@ -437,8 +452,8 @@ def markdown_report(results: dict) -> str:
         f"interleaved calls after {meta['warmup']} warm-up calls; run time "
         f"{meta['seconds'] / 60:.1f} min. Budgets are fractions of each model's MACs; "
         "see benchmarks/README.md for how each row is made.", "",
-        *([f"**Provisional**: a `--quick` run (a subset, few repeats); regenerate with "
-           f"`python benchmarks/latency.py` on a quiet machine for the published figures.", ""]
+        *(["**Provisional**: a `--quick` run (a subset, few repeats); regenerate with "
+           "`python benchmarks/latency.py` on a quiet machine for the published figures.", ""]
           if meta["quick"] else []),
         "## Targets", "",
         md_table(["target", "measured", "met"],
@@ -514,7 +529,8 @@ def metadata(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, 
             "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "cuda": cuda, "models": args.models, "budgets": args.budgets,
             "batches": args.batches, "runtimes": args.runtimes, "methods": args.methods,
-            "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick}
+            "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+            "rank_multiple": args.rank_multiple}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,6 +65,7 @@ def convert(
     speedup: float | None = None,
     layout: str | None = None,
     timer: ModuleTimer | None = None,
+    rank_multiple: int | None = None,
 ) -> nn.Module:
     """Replace the standard convs of ``model`` by depthwise + pointwise factorizations.
 
@@ -125,6 +126,10 @@ def convert(
         timer: replaces the timing of modules (a
             :data:`~dwconvert.latency.ModuleTimer`); the default takes interleaved
             medians.
+        rank_multiple: choose only ranks whose inner width (the channels between
+            the layers of a chain) is a multiple of this, or below it; CPU kernels
+            run such widths much faster (docs/latency.md). Default: 8 with
+            ``objective="latency"``, else 1 (every rank).
 
     Returns:
         The converted model. Its ``dwconvert_report`` attribute holds a
@@ -138,6 +143,11 @@ def convert(
     forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
                                            budget_scope, objective, speedup, example_inputs)
     layout = layout or (AUTO if objective == "latency" else PLAIN)
+    if rank_multiple is None:
+        rank_multiple = 8 if objective == "latency" else 1
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) \
+            or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive int, got {rank_multiple!r}")
     timing = layout == AUTO
     if timing and example_inputs is None:
         raise ValueError("layout='auto' times each layer at its real input: give example_inputs")
@@ -207,10 +217,11 @@ def convert(
     if objective == "latency":
         choice = _choose_by_time(layers, convs, forms, rank, budget, tolerance, budget_scope,
                                  reference, example_inputs, inputs, timer, whitening, seed,
-                                 cp_size_limit, records)
+                                 cp_size_limit, records, rank_multiple)
     else:
         choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on,
-                         budget_scope, before, params_before, whitening, seed, cp_size_limit)
+                         budget_scope, before, params_before, whitening, seed, cp_size_limit,
+                         rank_multiple)
 
     # 5. Factorize and swap in the new modules.
     converted = []
@@ -372,7 +383,7 @@ def _keep_reason(layer: LayerCost, forms, rank, budget_on, tolerance) -> str:
 
 
 def _choose(layers, convs, forms, rank, budget, tolerance, on, scope, before, model_params,
-            whitening, seed, cp_size_limit) -> dict[str, Option]:
+            whitening, seed, cp_size_limit, rank_multiple=1) -> dict[str, Option]:
     """One option per convertible conv, from a rank, a budget or a tolerance."""
     if rank is not None:
         form = forms[0]
@@ -393,7 +404,7 @@ def _choose(layers, convs, forms, rank, budget, tolerance, on, scope, before, mo
     if budget is not None and total is not None:
         _check_reachable(layers, forms, budget, on, total)
     options = {name: _options(layer, convs[name], forms, on, budget, whitening.get(name),
-                              seed, cp_size_limit)
+                              seed, cp_size_limit, rank_multiple)
                for name, layer in layers.items()}
     if tolerance is not None:
         return {name: ranks.within_tolerance(opts, tolerance) for name, opts in options.items()}
@@ -423,9 +434,9 @@ def _check_reachable(layers, forms, budget, on, total) -> None:
 
 
 def _options(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, seed,
-             cp_size_limit) -> list[Option]:
+             cp_size_limit, rank_multiple=1) -> list[Option]:
     curves = _curves(layer, conv, forms, on, budget, whitening, seed, cp_size_limit)
-    return ranks.options_for(layer, curves, on)
+    return ranks.options_for(layer, curves, on, rank_multiple=rank_multiple)
 
 
 def _curves(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, seed,
@@ -449,8 +460,8 @@ def _curves(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, see
 
 
 def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, reference,
-                    example_inputs, inputs, timer, whitening, seed, cp_size_limit, records
-                    ) -> dict[str, Option]:
+                    example_inputs, inputs, timer, whitening, seed, cp_size_limit, records,
+                    rank_multiple) -> dict[str, Option]:
     """One option per conv, with measured seconds as the cost (``objective="latency"``)."""
     if rank is not None:  # the rank is given: time only what the layout step will check
         return _choose(layers, convs, forms, rank, None, None, "macs", scope, None, 0,
@@ -460,11 +471,13 @@ def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, refere
         curves = _curves(layer, convs[name], forms, "macs", budget, whitening.get(name), seed,
                          cp_size_limit)
         curves = {form: errors for form, errors in curves.items() if errors}
-        times[name] = speed.time_layer(convs[name], inputs[name],
-                                       {form: len(errors) for form, errors in curves.items()},
-                                       timer)
+        allowed = {form: [r for r in range(1, len(errors) + 1)
+                          if ranks.aligned(layer, form, r, rank_multiple)]
+                   for form, errors in curves.items()}
+        times[name] = speed.time_layer(convs[name], inputs[name], allowed, timer)
         options[name] = ranks.options_for(layer, curves, cost=times[name].time,
-                                          original=times[name].original)
+                                          original=times[name].original,
+                                          rank_multiple=rank_multiple)
         records[name].time_before = records[name].time_after = times[name].original
         if len(options[name]) == 1:
             records[name].reason = (f"kept: no form and rank measured faster than the "

@@ -87,9 +87,24 @@ class LayerCost:
         return min(self.full_rank(form), math.ceil((self.original(on) - fixed) / per_rank) - 1)
 
 
+def aligned(layer: LayerCost, form: str, rank: int, multiple: int) -> bool:
+    """Whether ``rank`` gives ``form`` an inner width that is a multiple of ``multiple``.
+
+    The inner width is the channel count between the layers of the chain: ``M*r``
+    (``dw-pw``), ``N*r`` (``pw-dw``), ``g*R`` (``cp``). Ranks below ``multiple`` count
+    as aligned, so that small layers keep their cheap options.
+    """
+    if multiple <= 1 or rank < multiple:
+        return True
+    shape = layer.shape
+    width = {"dw-pw": shape.in_channels, "pw-dw": shape.out_channels,
+             "cp": shape.groups}[form] * rank
+    return width % multiple == 0
+
+
 def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
                 on: str = "macs", *, cost: Callable[[str, int], float] | None = None,
-                original: float | None = None) -> list[Option]:
+                original: float | None = None, rank_multiple: int = 1) -> list[Option]:
     """The Pareto-efficient options of a layer, cheapest first, ending with keeping it.
 
     Args:
@@ -100,6 +115,8 @@ def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
         cost: another cost of ``(form, rank)``, such as measured seconds, with
             ``original`` the cost of keeping the conv; options that cost no less
             than ``original`` are dropped.
+        rank_multiple: keep only ranks whose inner width is a multiple of this
+            (see :func:`aligned`).
     """
     if cost is None:
         cost, original = (lambda form, rank: layer.cost(form, rank, on)), layer.original(on)
@@ -107,6 +124,7 @@ def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
         Option(form, rank, cost(form, rank), float(error))
         for form, errors in curves.items()
         for rank, error in enumerate(errors, start=1)
+        if aligned(layer, form, rank, rank_multiple)
     ]
     candidates = [o for o in candidates if o.cost < original]
     candidates.sort(key=lambda o: (o.cost, o.error))

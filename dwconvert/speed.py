@@ -1,7 +1,7 @@
 """Measured time as the cost of each option of a conv (``objective="latency"``).
 
 For every form a conv can take, a few ranks (at most :data:`TIMED_RANKS`, spread
-over the useful range) are built with random weights in every candidate layout
+over the useful ranks allowed by ``rank_multiple``) are built with random weights in every candidate layout
 and timed, interleaved with the original conv, at the conv's real input. The time
 of the other ranks is interpolated linearly between the timed ones (the work of
 every layer of a chain grows linearly with the rank). Options not faster than the
@@ -32,11 +32,12 @@ TIMED_RANKS = 3
 ORIGINAL = "original"
 
 
-def timed_ranks(top: int, count: int = TIMED_RANKS) -> list[int]:
-    """Up to ``count`` ranks from 1 to ``top``, evenly spread, both ends included."""
-    if top <= 1 or count <= 1:
-        return [1]
-    return sorted({1 + round(i * (top - 1) / (count - 1)) for i in range(count)})
+def timed_ranks(allowed: Sequence[int], count: int = TIMED_RANKS) -> list[int]:
+    """Up to ``count`` of the ``allowed`` ranks (ascending), evenly spread, ends included."""
+    if len(allowed) <= count:
+        return list(allowed)
+    last = len(allowed) - 1
+    return sorted({allowed[round(i * last / (count - 1))] for i in range(count)})
 
 
 @dataclass
@@ -68,15 +69,15 @@ class LayerTimes:
         return min(self.points[form], key=lambda p: abs(p[0] - rank))[2]
 
 
-def time_layer(conv: nn.Conv2d, inputs: Sequence[torch.Tensor], tops: Mapping[str, int],
-               timer: ModuleTimer) -> LayerTimes:
-    """Time ``conv`` and its candidates up to rank ``tops[form]`` of each form.
+def time_layer(conv: nn.Conv2d, inputs: Sequence[torch.Tensor],
+               allowed: Mapping[str, Sequence[int]], timer: ModuleTimer) -> LayerTimes:
+    """Time ``conv`` and a few of the ``allowed`` ranks (ascending) of each form.
 
     Two interleaved runs: every candidate layout of each form at its middle timed
     rank, with the original conv; then the other timed ranks in the layout that won.
     """
     channels_last = is_channels_last(inputs[0])
-    ranks = {form: timed_ranks(top) for form, top in tops.items()}
+    ranks = {form: timed_ranks(r) for form, r in allowed.items() if r}
     middle = {form: r[len(r) // 2] for form, r in ranks.items()}
     contenders: dict[str, nn.Module] = {ORIGINAL: conv}
     for form, rank in middle.items():

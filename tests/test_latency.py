@@ -172,10 +172,11 @@ def test_latency_arguments_are_checked():
 
 
 def test_interpolated_times_are_exact_for_linear_costs():
-    assert timed_ranks(1) == [1]
-    assert timed_ranks(100) == [1, 51, 100]
-    assert timed_ranks(2) == [1, 2]
-    points = [(r, 0.5 + 0.25 * r, "plain") for r in timed_ranks(100)]
+    assert timed_ranks([1]) == [1]
+    assert timed_ranks(list(range(1, 101))) == [1, 51, 100]
+    assert timed_ranks([1, 2]) == [1, 2]
+    assert timed_ranks([1, 2, 8, 16, 24, 32]) == [1, 8, 32]
+    points = [(r, 0.5 + 0.25 * r, "plain") for r in timed_ranks(list(range(1, 101)))]
     times = LayerTimes(original=10.0, points={"cp": points})
     for rank in (1, 7, 51, 80, 100):
         assert math.isclose(times.time("cp", rank), 0.5 + 0.25 * rank)
@@ -203,3 +204,15 @@ def test_capture_inputs_sees_each_layer_input():
     with torch.no_grad():
         torch.testing.assert_close(seen["conv3"][0],
                                    torch.relu(net.conv2(torch.relu(net.conv1(x)))))
+
+
+@pytest.mark.parametrize("objective", ["macs", "latency"])
+def test_rank_multiple_keeps_inner_widths_aligned(objective):
+    timer = FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0})
+    small = dwconvert.convert(Net().eval(), form="cp", budget=0.5, objective=objective,
+                              rank_multiple=8, example_inputs=example(), timer=timer,
+                              cp_iters=10)
+    ranks = [r.rank for r in small.dwconvert_report.converted]
+    assert ranks and all(r < 8 or r % 8 == 0 for r in ranks), ranks
+    with pytest.raises(ValueError, match="rank_multiple"):
+        dwconvert.convert(Net(), budget=0.5, rank_multiple=0, example_inputs=example())

@@ -90,6 +90,9 @@ def add_parser(subparsers) -> None:
                         help="what --budget counts: MACs (or --budget-on params), or the "
                              "time measured on this machine at --input-shape, with the "
                              "current torch threads (default: macs)")
+    parser.add_argument("--rank-multiple", type=int, default=None, metavar="N",
+                        help="only ranks whose inner channel count is a multiple of N "
+                             "(default: 8 with --objective latency, else 1)")
     parser.add_argument("--layout", default=None, metavar="LAYOUT",
                         help="how the new layers run: auto (time each candidate and keep the "
                              "fastest; the default with --objective latency), plain (the "
@@ -160,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
                             calibration=calibration, calib_samples=args.calib_samples,
                             recalibrate_bn=args.recalibrate_bn, exclude=args.exclude,
                             cp_iters=args.cp_iters, objective=args.objective,
-                            speedup=args.speedup, layout=args.layout)
+                            speedup=args.speedup, layout=args.layout,
+                            rank_multiple=args.rank_multiple)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
     except ValueError as err:
