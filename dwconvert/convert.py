@@ -148,7 +148,7 @@ def convert(
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) \
             or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be a positive int, got {rank_multiple!r}")
-    timing = layout == AUTO
+    timing = layout == AUTO or objective == "latency"
     if timing and example_inputs is None:
         raise ValueError("layout='auto' times each layer at its real input: give example_inputs")
     if layout not in (AUTO, PLAIN):
@@ -242,7 +242,8 @@ def convert(
     for name in list(converted):
         module = target.get_submodule(name)
         if timing:
-            _time_converted(name, module, convs[name], inputs[name], timer, records[name])
+            _time_converted(name, module, convs[name], inputs[name], timer, records[name],
+                            layout)
             record = records[name]
             if objective == "latency" and record.time_after >= record.time_before:
                 _revert(target, name, sites, convs[name], record)
@@ -503,9 +504,14 @@ def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, refere
     return ranks.allocate(options, room)
 
 
-def _time_converted(name, module, conv, inputs, timer, record) -> None:
-    """Time the original conv and every layout of its replacement; keep the fastest layout."""
-    contenders = {"original": conv, **arrangements(module, is_channels_last(inputs[0]))}
+def _time_converted(name, module, conv, inputs, timer, record, layout) -> None:
+    """Time the original conv and its replacement in each layout allowed; keep the fastest."""
+    if layout == AUTO:
+        candidates = arrangements(module, is_channels_last(inputs[0]))
+    else:
+        module.set_layout(layout)
+        candidates = {module.layout: module}
+    contenders = {"original": conv, **candidates}
     seconds = timer(contenders, inputs)
     best = min((k for k in seconds if k != "original"), key=seconds.get)
     module.set_layout(best)

@@ -216,3 +216,12 @@ def test_rank_multiple_keeps_inner_widths_aligned(objective):
     assert ranks and all(r < 8 or r % 8 == 0 for r in ranks), ranks
     with pytest.raises(ValueError, match="rank_multiple"):
         dwconvert.convert(Net(), budget=0.5, rank_multiple=0, example_inputs=example())
+
+
+def test_latency_with_a_fixed_layout():
+    timer = FakeTimer({"dw-pw": 50.0, "pw-dw": 1.0, "cp": 1.0})
+    small = dwconvert.convert(Net().eval(), objective="latency", speedup=1.2, layout="matmul",
+                              example_inputs=example(), timer=timer, cp_iters=10)
+    converted = small.dwconvert_report.converted
+    assert converted and all(r.layout == "matmul" for r in converted)
+    assert all(r.time_after < r.time_before for r in converted)
