@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, build_model, load_weights, read_state_dict
+from ..files import write_text
+from ..report import REPORT_SUFFIXES, render
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error: a bug, reported with --debug
@@ -150,3 +152,26 @@ def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
     if not os.access(out.parent, os.W_OK):
         raise CLIError(f"the folder of output {output!r} is not writable", EXIT_USAGE)
     return out
+
+
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", metavar="PATH", default=None,
+                        help="also write the records to PATH: .json (every field) or .md "
+                             "(the table as Markdown)")
+
+
+def check_report_path(path: str | None, inputs: list[str], force: bool) -> Path | None:
+    """The --report path, checked like any output, or None when not asked for."""
+    if path is None:
+        return None
+    if Path(path).suffix not in REPORT_SUFFIXES:
+        raise CLIError(f"--report {path!r} should end in .json or .md", EXIT_USAGE)
+    return check_output_path(path, inputs, force)
+
+
+def write_report(report, path: Path | None) -> None:
+    """Write ``report`` as JSON or Markdown by the suffix of ``path`` (atomically)."""
+    if path is None:
+        return
+    write_text(path, render(report, path.suffix))
+    print(f"wrote {path}")

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
                         help="the original checkpoint (state_dict, or a dwconvert checkpoint)")
     parser.add_argument("converted", metavar="CONVERTED", help="a dwconvert checkpoint")
     parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="mnist5k, fashion-mnist:DIR or imagefolder:DIR")
+                        help="mnist5k, fashion-mnist:DIR, imagefolder:DIR or py:MODULE:FUNCTION")
     add_arch_options(parser, required=False)
     add_data_options(parser)
     parser.set_defaults(run=run)
