@@ -9,6 +9,7 @@ changed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from .factorize import FORMS
 from .progress import progress
 from .ranks import LayerCost
 from .report import format_count, markdown
+
+logger = logging.getLogger(__name__)
 
 # The fractions of a conv's own MACs at which each form's error is predicted.
 DEFAULT_FRACTIONS = (0.5, 0.25, 0.125)
@@ -42,7 +45,9 @@ class RankError:
         macs: MACs per image of the form at ``rank``.
         error: relative weight error ``||W - W_r|| / ||W||`` at ``rank`` (exact
             for the SVD forms; for ``cp`` an ALS fit of few iterations, so an
-            upper estimate of what a conversion reaches).
+            upper estimate of what a conversion reaches). ``None`` when not
+            measured.
+        note: why the error was not measured, if it was not.
     """
 
     form: str
@@ -51,6 +56,7 @@ class RankError:
     full_rank: int
     macs: int | None
     error: float | None
+    note: str = ""
 
 
 @dataclass
@@ -146,7 +152,8 @@ class InspectionReport:
                          "convertible convs")
         lines.append(f"parameters {format_count(self.params)}")
         lines.append("err @f: relative weight error (and rank) of the form at the highest rank "
-                     "that keeps a fraction f of the conv's MACs ('-': no rank is that cheap)")
+                     "that keeps a fraction f of the conv's MACs ('-': no rank is that cheap; "
+                     "'(slow)': cp not measured, beyond cp_size_limit)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -158,6 +165,8 @@ def _format_error(error: RankError | None) -> str:
         return ""
     if error.rank is None:
         return "-"
+    if error.error is None:
+        return f"(slow) r{error.rank}"
     return f"{error.error:.3f} r{error.rank}"
 
 
@@ -169,6 +178,7 @@ def inspect(
     forms: Sequence[str] = FORMS,
     exclude: Sequence[str] = (),
     cp_iters: int = 10,
+    cp_size_limit: float = 2e8,
     seed: int = 0,
 ) -> InspectionReport:
     """Each conv's share of the model's cost, and the error each form would have.
@@ -187,6 +197,9 @@ def inspect(
         exclude: qualified names or glob patterns of convs to keep, as in
             :func:`dwconvert.convert`.
         cp_iters: ALS iterations per measured CP rank.
+        cp_size_limit: as in :func:`dwconvert.convert`: CP errors are not measured
+            for a conv whose kernel size times CP rank exceeds this (its ALS would
+            take minutes); ``convert(form="auto")`` does not try CP there either.
         seed: seed of the CP initialisation.
 
     Returns:
@@ -219,7 +232,7 @@ def inspect(
         )
         if record.convertible:
             layer.errors = _predicted_errors(found.layers[name], conv, forms, fractions,
-                                             cp_iters, seed)
+                                             cp_iters, cp_size_limit, seed)
         layers.append(layer)
     return InspectionReport(layers=layers, macs=found.before.macs, params=params,
                             traced=found.sites.traced, fractions=fractions, forms=tuple(forms))
@@ -238,12 +251,16 @@ def _rank_within(layer: LayerCost, form: str, fraction: float) -> int | None:
 
 
 def _predicted_errors(layer: LayerCost, conv: nn.Conv2d, forms, fractions, cp_iters,
-                      seed) -> list[RankError]:
+                      cp_size_limit, seed) -> list[RankError]:
     results = []
     for form in forms:
         ranks = {fraction: _rank_within(layer, form, fraction) for fraction in fractions}
         wanted = sorted({r for r in ranks.values() if r is not None})
-        curve = []
+        curve, note = [], ""
+        if form == "cp" and wanted and conv.weight.numel() * max(wanted) > cp_size_limit:
+            note = "not measured: ALS at this rank would be slow (beyond cp_size_limit)"
+            logger.info("%s: %s", layer.name, note)
+            wanted = [r for r in wanted if conv.weight.numel() * r <= cp_size_limit]
         if wanted:
             # For cp, measuring at exactly the wanted ranks makes the curve exact there.
             curve = factorize.error_curve(form, conv.weight, conv.groups, max(wanted),
@@ -251,9 +268,11 @@ def _predicted_errors(layer: LayerCost, conv: nn.Conv2d, forms, fractions, cp_it
                                           cp_iters=cp_iters, seed=seed)
         for fraction in fractions:
             rank = ranks[fraction]
+            measured = rank is not None and rank <= len(curve)
             results.append(RankError(
                 form=form, fraction=fraction, rank=rank, full_rank=layer.full_rank(form),
                 macs=None if rank is None else layer.cost(form, rank, "macs"),
-                error=None if rank is None else curve[rank - 1],
+                error=curve[rank - 1] if measured else None,
+                note="" if measured or rank is None else note,
             ))
     return results

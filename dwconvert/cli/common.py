@@ -27,6 +27,15 @@ EXIT_CODES_HELP = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions to the terminal; keeps example epilogs line for line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class CLIError(Exception):
     """An error for the user: one line, with an exit code."""
 

@@ -11,6 +11,7 @@ from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
 from .common import (
+    HelpFormatter,
     EXIT_CONVERSION,
     EXIT_USAGE,
     CLIError,
@@ -67,7 +68,7 @@ def add_parser(subparsers) -> None:
         description="Convert the standard Conv2d layers of a trained checkpoint into "
                     "factorized depthwise + pointwise layers and save the converted model.",
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
                         help="state_dict or training checkpoint (.pth/.pt/.safetensors)")

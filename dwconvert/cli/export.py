@@ -9,6 +9,7 @@ import torch
 from ..checkpoint import CheckpointError, load, read_recipe
 from ..export import ONNX_EXPORTERS, ExportError, export_onnx, export_torchscript, require_onnx
 from .common import (
+    HelpFormatter,
     EXIT_USAGE,
     CLIError,
     check_input_shape,
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> None:
                     "dynamic batch dimension. Each file is run (onnxruntime for ONNX) at "
                     "batch sizes 1 and 3 and compared with PyTorch before it is written.",
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("converted", metavar="CONVERTED", help="a dwconvert checkpoint")
     parser.add_argument("--onnx", metavar="OUT.onnx", default=None, help="ONNX file to write")

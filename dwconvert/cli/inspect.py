@@ -6,6 +6,7 @@ import argparse
 
 from ..inspection import DEFAULT_FRACTIONS, inspect
 from .common import (
+    HelpFormatter,
     EXIT_USAGE,
     CLIError,
     add_arch_options,
@@ -34,7 +35,7 @@ def add_parser(subparsers) -> None:
                     "a few fractions of the conv's MACs. Nothing is converted or written, "
                     "except the --report file.",
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
                         help="state_dict or training checkpoint (.pth/.pt/.safetensors)")

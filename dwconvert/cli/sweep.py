@@ -13,6 +13,7 @@ from ..factorize import FORMS
 from ..files import write_text
 from ..sweep import CSV_FIELDS, sweep
 from .common import (
+    HelpFormatter,
     EXIT_USAGE,
     CLIError,
     add_arch_options,
@@ -50,7 +51,7 @@ def add_parser(subparsers) -> None:
                     "DIR/sweep.csv, DIR/sweep.png (needs matplotlib: the 'plot' extra) and "
                     "DIR/budget-B.safetensors for each budget. " + DATA_SPECS_HELP,
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
                         help="state_dict or training checkpoint (.pth/.pt/.safetensors)")
