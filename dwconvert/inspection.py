@@ -151,9 +151,10 @@ class InspectionReport:
             lines.append(f"model MACs {format_count(self.macs)}, {100 * share:.1f}% of them in "
                          "convertible convs")
         lines.append(f"parameters {format_count(self.params)}")
-        lines.append("err @f: relative weight error (and rank) of the form at the highest rank "
-                     "that keeps a fraction f of the conv's MACs ('-': no rank is that cheap; "
-                     "'(slow)': cp not measured, beyond cp_size_limit)")
+        lines.append("err @f: relative weight error, and rank, at the highest rank within a "
+                     "fraction f of the conv's MACs")
+        lines.append("('-': no rank is that cheap; '(slow)': cp not measured, beyond "
+                     "cp_size_limit)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

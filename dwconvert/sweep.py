@@ -3,8 +3,8 @@
 For every budget the model is converted, its MACs and parameters are counted,
 its top-1 accuracy is measured when labelled data is given, and its latency is
 measured as the median of repeated batch-1 forward passes. The original model
-is measured in the same run, on the same inputs, so that the latency ratios
-compare like with like.
+is measured in the same run, on the same input, the models taking turns pass by
+pass, so that the latency ratios compare like with like.
 
 Latency is wall-clock time on the machine and threads of the run: it says how
 the conversions rank there, not on another target.
@@ -108,7 +108,7 @@ class SweepResult:
 
     def summary(self) -> str:
         lines = [f"latency: median of {self.repeats} batch-1 forward passes on "
-                 f"{self.threads} thread(s), original measured in the same run"]
+                 f"{self.threads} thread(s), the models taking turns, original included"]
         if self.data:
             lines.append(f"top-1 on {self.data}")
         lines.extend(self.notes)
@@ -121,18 +121,30 @@ class SweepResult:
         return self.table() + "\n\n" + self.summary()
 
 
+def median_latencies(models: Sequence[nn.Module], example_inputs: tuple, *,
+                     repeats: int = 50, warmup: int = 5) -> list[float]:
+    """Median wall-clock seconds of ``model(*example_inputs)`` for each model.
+
+    The models take turns, one forward pass each per round, so that a change in
+    the machine's load during the measurement touches all of them alike.
+    """
+    times: list[list[float]] = [[] for _ in models]
+    with eval_mode(*models), torch.inference_mode():
+        for _ in range(warmup):
+            for model in models:
+                model(*example_inputs)
+        for _ in range(repeats):
+            for model, seen in zip(models, times):
+                start = time.perf_counter()
+                model(*example_inputs)
+                seen.append(time.perf_counter() - start)
+    return [statistics.median(seen) for seen in times]
+
+
 def median_latency(model: nn.Module, example_inputs: tuple, *, repeats: int = 50,
                    warmup: int = 5) -> float:
     """Median wall-clock seconds of ``model(*example_inputs)`` over ``repeats`` runs."""
-    times = []
-    with eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(*example_inputs)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(*example_inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_latencies([model], example_inputs, repeats=repeats, warmup=warmup)[0]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -198,14 +210,15 @@ def sweep(
         if keep_models:
             models[budget] = converted
 
-    for label, budget, candidate, count in progress(candidates, "measuring", unit="model"):
+    latencies = median_latencies([c[2] for c in candidates], example_inputs, repeats=repeats,
+                                 warmup=warmup)
+    for (label, budget, candidate, count), seconds in zip(
+            progress(candidates, "evaluating", unit="model"), latencies):
         cost = measure(candidate, example_inputs)
         point = SweepPoint(model=label, budget=budget, macs=cost.macs, params=cost.params,
                            mac_ratio=cost.macs / before.macs if before.macs else float("nan"),
                            param_ratio=cost.params / before.params,
-                           converted=count,
-                           latency_ms=1e3 * median_latency(candidate, example_inputs,
-                                                           repeats=repeats, warmup=warmup))
+                           converted=count, latency_ms=1e3 * seconds)
         if data is not None:
             point.top1 = evaluate(candidate, data).top1
         logger.info("%s: MACs %s, latency %.3f ms%s", label, format_count(cost.macs),

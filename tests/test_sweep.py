@@ -14,7 +14,7 @@ from torch import nn
 
 import dwconvert
 from dwconvert.cli.common import EXIT_OK, EXIT_USAGE
-from dwconvert.sweep import median_latency, pareto_front, sweep
+from dwconvert.sweep import median_latencies, median_latency, pareto_front, sweep
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -40,14 +40,21 @@ def test_pareto_front():
 
 
 class Sleepy(nn.Module):
+    def __init__(self, seconds: float = 0.004) -> None:
+        super().__init__()
+        self.seconds = seconds
+
     def forward(self, x):
-        time.sleep(0.004)
+        time.sleep(self.seconds)
         return x
 
 
 def test_median_latency_measures_the_forward():
     seconds = median_latency(Sleepy(), (torch.zeros(1),), repeats=5, warmup=1)
     assert 0.004 <= seconds < 0.1
+    short, long = median_latencies([Sleepy(0.002), Sleepy(0.02)], (torch.zeros(1),),
+                                   repeats=5, warmup=0)
+    assert 0.002 <= short < 0.02 <= long
 
 
 def net() -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""``dwconvert inspect``: each conv's share of the cost and each form's error, converting nothing."""
+"""``dwconvert inspect``: each conv's share of the cost and each form's error, no conversion."""
 
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="log errors only, and draw no progress bars")
     parser.add_argument("--progress", action="store_true",
                         help="draw progress bars even when stderr is not a terminal")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice); on a machine busy with "
+                             "other work, 1 can be many times faster")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     set_progress(False if args.quiet else True if args.progress else None)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads} should be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         with logging_above_bars():
             return args.run(args)

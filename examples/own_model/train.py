@@ -1,4 +1,4 @@
-"""Train ShapesNet on the shapes data (seconds on a CPU) and save its state_dict.
+"""Train ShapesNet on the shapes data (under a minute on a CPU) and save its state_dict.
 
     python train.py -o shapes.pth
 """
