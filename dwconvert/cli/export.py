@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from ..checkpoint import CheckpointError, load, read_recipe
 from ..export import ONNX_EXPORTERS, ExportError, export_onnx, export_torchscript, require_onnx
 from .common import (
