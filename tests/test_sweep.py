@@ -138,3 +138,10 @@ def test_cli_bad_budgets(tmp_path, capsys):
     code, _, err = _run(["sweep", CNN_PATH, "--arch", CNN_ARCH, *SHAPE, "--budgets", "0.5,2",
                          "-o", tmp_path / "s"], capsys)
     assert code == EXIT_USAGE and "budget '2'" in err
+
+
+def test_cli_bad_input_leaves_no_folder(tmp_path, capsys):
+    code, _, err = _run(["sweep", tmp_path / "missing.pth", "--arch", CNN_ARCH, *SHAPE,
+                         "--budgets", "0.5", "-o", tmp_path / "s"], capsys)
+    assert code == 3 and "missing.pth" in err
+    assert not (tmp_path / "s").exists()

@@ -90,15 +90,17 @@ def _outputs(args) -> dict[str, Path]:
     folder = Path(args.output)
     if folder.exists() and not folder.is_dir():
         raise CLIError(f"output {args.output!r} is a file; give a folder", EXIT_USAGE)
-    if not folder.parent.exists():
-        raise CLIError(f"the folder above {args.output!r} does not exist", EXIT_USAGE)
-    folder.mkdir(exist_ok=True)
+    if not folder.exists():  # created once the results are in
+        check_output_path(str(folder), [args.input], args.force)
     names = {"csv": "sweep.csv"}
     if not args.no_plot:
         names["png"] = "sweep.png"
     names.update({budget: f"budget-{budget:g}.safetensors" for budget in args.budgets})
-    return {key: check_output_path(str(folder / name), [args.input], args.force)
-            for key, name in names.items()}
+    paths = {key: folder / name for key, name in names.items()}
+    if folder.exists():
+        for path in paths.values():
+            check_output_path(str(path), [args.input], args.force)
+    return paths
 
 
 def _csv(rows) -> str:
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(result.summary())
 
+    Path(args.output).mkdir(exist_ok=True)
     write_text(outputs["csv"], _csv(result.rows()))
     print(f"wrote {outputs['csv']}")
     if "png" in outputs:
