@@ -8,6 +8,7 @@
 
 from .checkpoint import load, save
 from .convert import convert
+from .inspection import ConvInspection, InspectionReport, RankError, inspect
 from .layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
 from .ranks import BudgetError
 from .report import ConversionReport, LayerRecord
@@ -18,11 +19,15 @@ __all__ = [
     "BudgetError",
     "CPConv2d",
     "ConversionReport",
+    "ConvInspection",
     "DwPwConv2d",
     "FactorizedConv2d",
+    "InspectionReport",
     "LayerRecord",
     "PwDwConv2d",
+    "RankError",
     "convert",
+    "inspect",
     "load",
     "save",
 ]

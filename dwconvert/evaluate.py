@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .modes import eval_mode
+from .progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def evaluate(
     loader: Iterable[Any],
     *,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Evaluation:
     """Measures a classifier's top-1 accuracy.
 
@@ -59,7 +60,8 @@ def evaluate(
         model: a module mapping an image batch to logits of shape (batch, classes).
         loader: yields ``(images, labels)`` pairs, or bare image batches without labels.
         device: where to run the model.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar; by default, as :func:`dwconvert.progress.set_progress`
+            says (on a terminal only).
 
     Returns:
         Top-1 accuracy and image count.
@@ -74,7 +76,7 @@ def compare_models(
     loader: Iterable[Any],
     *,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Comparison:
     """Evaluates two models and their top-1 agreement in one pass over the data.
 
@@ -85,7 +87,8 @@ def compare_models(
         converted: the model after conversion.
         loader: yields ``(images, labels)`` pairs, or bare image batches without labels.
         device: where to run the models.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar; by default, as :func:`dwconvert.progress.set_progress`
+            says (on a terminal only).
 
     Returns:
         Both evaluations and the fraction of images on which their predictions agree.
@@ -112,13 +115,14 @@ def _tally(
     models: list[nn.Module],
     loader: Iterable[Any],
     device: str | torch.device,
-    progress: bool,
+    progress: bool | None,
     description: str,
 ) -> _Tallies:
     """Runs every model on every batch and counts correct and agreeing predictions."""
     tallies = _Tallies(count=0, labelled=0, correct=[0] * len(models), agreeing=0)
     models = [model.to(device) for model in models]
-    batches = tqdm(loader, desc=description, unit="batch", disable=not progress)
+    batches = progress_bar(loader, description, unit="batch") if progress is None else \
+        tqdm(loader, desc=description, unit="batch", disable=not progress)
     with eval_mode(*models), torch.inference_mode():
         for batch in batches:
             inputs, labels = _split_batch(batch)

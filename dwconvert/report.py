@@ -6,6 +6,7 @@ so the numbers stay testable and the CLI only formats them.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -139,8 +140,8 @@ class ConversionReport:
         data["speedup"] = self.speedup
         return data
 
-    def table(self) -> str:
-        """The per-layer table, one row per conv."""
+    def table(self, tablefmt: str = "simple") -> str:
+        """The per-layer table, one row per conv (``tablefmt`` as in tabulate)."""
         rows = []
         for r in self.layers:
             rank = "" if r.rank is None else f"{r.rank}/{r.full_rank}"
@@ -171,7 +172,11 @@ class ConversionReport:
         keep = [i for i in range(len(headers)) if i not in unused]
         headers = [headers[i] for i in keep]
         rows = [[row[i] for i in keep] for row in rows]
-        return tabulate(rows, headers=headers, disable_numparse=True)
+        return tabulate(rows, headers=headers, disable_numparse=True, tablefmt=tablefmt)
+
+    def to_markdown(self) -> str:
+        """The table and the totals as a Markdown document."""
+        return markdown("Conversion report", self.table("github"), self.summary())
 
     def summary(self) -> str:
         """Totals in a few lines: layers converted, model MACs and parameters."""
@@ -217,3 +222,25 @@ def format_count(value: int | None) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f}{unit}"
     return str(value)
+
+
+def markdown(title: str, table: str, summary: str) -> str:
+    """A Markdown document: a title, a GitHub table, and the summary lines as a list."""
+    items = "\n".join(f"- {line}" for line in summary.splitlines() if line)
+    return f"# {title}\n\n{table}\n\n{items}\n"
+
+
+REPORT_SUFFIXES = (".json", ".md")
+
+
+def render(report: Any, suffix: str) -> str:
+    """``report`` (anything with ``to_dict`` and ``to_markdown``) as JSON or Markdown.
+
+    Raises:
+        ValueError: ``suffix`` is neither ``.json`` nor ``.md``.
+    """
+    if suffix == ".json":
+        return json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n"
+    if suffix == ".md":
+        return report.to_markdown()
+    raise ValueError(f"report suffix {suffix!r}: expected .json (records) or .md (tables)")

@@ -12,6 +12,7 @@ from tabulate import tabulate
 from ..checkpoint import CheckpointError, is_converted_checkpoint
 from ..convert import OBJECTIVES, convert
 from ..costs import measure
+from ..files import write_text
 from ..latency import RUNTIMES, RuntimeUnavailable, format_seconds, time_models
 from ..ranks import BudgetError
 from .common import (
@@ -23,7 +24,6 @@ from .common import (
     check_output_path,
     load_original,
     parse_input_shape,
-    write_text,
 )
 from .compare import _load_pair
 from .compress import parse_budget

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, build_model, load_weights, read_state_dict
+from ..files import write_text
+from ..report import REPORT_SUFFIXES, render
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error: a bug, reported with --debug
@@ -23,6 +25,15 @@ EXIT_CODES_HELP = (
     "3 unusable input (checkpoint, arch, data, input shape), 4 conversion impossible "
     "as asked (e.g. budget below the reachable minimum)"
 )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions to the terminal; keeps example epilogs line for line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class CLIError(Exception):
@@ -152,18 +163,24 @@ def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
     return out
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temp file in the same folder, renamed)."""
-    import tempfile
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", metavar="PATH", default=None,
+                        help="also write the records to PATH: .json (every field) or .md "
+                             "(the table as Markdown)")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+def check_report_path(path: str | None, inputs: list[str], force: bool) -> Path | None:
+    """The --report path, checked like any output, or None when not asked for."""
+    if path is None:
+        return None
+    if Path(path).suffix not in REPORT_SUFFIXES:
+        raise CLIError(f"--report {path!r} should end in .json or .md", EXIT_USAGE)
+    return check_output_path(path, inputs, force)
+
+
+def write_report(report, path: Path | None) -> None:
+    """Write ``report`` as JSON or Markdown by the suffix of ``path`` (atomically)."""
+    if path is None:
+        return
+    write_text(path, render(report, path.suffix))
+    print(f"wrote {path}")

@@ -12,7 +12,7 @@ from ..costs import measure
 from ..data import DATA_SPECS_HELP, DataSpecError, make_loader
 from ..evaluate import compare_models
 from ..report import format_count
-from .common import CLIError, add_arch_options, add_data_options, load_original
+from .common import CLIError, HelpFormatter, add_arch_options, add_data_options, load_original
 
 EXAMPLE = """example:
   dwconvert compare model.pth model-dw.safetensors --data mnist5k
@@ -27,13 +27,13 @@ def add_parser(subparsers) -> None:
                     "of each, how often their top-1 predictions agree, parameters and MACs. "
                     + DATA_SPECS_HELP,
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("original", metavar="ORIGINAL",
                         help="the original checkpoint (state_dict, or a dwconvert checkpoint)")
     parser.add_argument("converted", metavar="CONVERTED", help="a dwconvert checkpoint")
     parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="mnist5k, fashion-mnist:DIR or imagefolder:DIR")
+                        help="mnist5k, fashion-mnist:DIR, imagefolder:DIR or py:MODULE:FUNCTION")
     add_arch_options(parser, required=False)
     add_data_options(parser)
     parser.set_defaults(run=run)

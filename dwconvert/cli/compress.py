@@ -11,15 +11,19 @@ from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
 from .common import (
+    HelpFormatter,
     EXIT_CONVERSION,
     EXIT_USAGE,
     CLIError,
     add_arch_options,
     add_data_options,
+    add_report_option,
     check_input_shape,
     check_output_path,
+    check_report_path,
     load_original,
     parse_input_shape,
+    write_report,
 )
 
 logger = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ EXAMPLE = """examples:
       --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.25
   dwconvert compress model.pth -o model-dw.safetensors \\
       --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \\
-      --calib mnist5k --calib-samples 512
+      --calib mnist5k --calib-samples 512 --report model-dw.md
 """
 
 
@@ -64,7 +68,7 @@ def add_parser(subparsers) -> None:
         description="Convert the standard Conv2d layers of a trained checkpoint into "
                     "factorized depthwise + pointwise layers and save the converted model.",
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
                         help="state_dict or training checkpoint (.pth/.pt/.safetensors)")
@@ -115,7 +119,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave convs whose name matches this glob unconverted (repeatable)")
     parser.add_argument("--cp-iters", type=int, default=100, help="ALS iterations for cp")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    add_report_option(parser)
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUTPUT and the --report file if they exist")
     parser.set_defaults(run=run)
 
 
@@ -139,7 +145,7 @@ def parse_tolerance(text: str) -> float:
     return value
 
 
-def _calibration(args):
+def calibration_loader(args):
     if args.calib is None:
         return None
     if args.calib_samples < 1:
@@ -153,9 +159,10 @@ def _calibration(args):
 
 def run(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, [args.input], args.force)
+    report_path = check_report_path(args.report, [args.input, args.output], args.force)
     model = load_original(args.input, args.arch, args.arch_kwargs, args.allow_pickle)
     example = check_input_shape(model, args.input_shape)
-    calibration = _calibration(args)
+    calibration = calibration_loader(args)
     try:
         converted = convert(model, form=args.form, rank=args.rank, budget=args.budget,
                             tolerance=args.tolerance, budget_on=args.budget_on,
@@ -185,4 +192,5 @@ def run(args: argparse.Namespace) -> int:
          extra={"source": str(args.input), "input_shape": list(args.input_shape),
                 "report": report.to_dict()})
     print(f"wrote {output}")
+    write_report(report, report_path)
     return 0

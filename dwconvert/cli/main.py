@@ -7,10 +7,11 @@ import logging
 import sys
 
 from .. import __version__
-from . import bench, compare, compress
+from ..progress import logging_above_bars, set_progress
+from . import bench, compare, compress, export, inspect, sweep
 from .common import EXIT_CODES_HELP, EXIT_FAILURE, CLIError
 
-SUBCOMMANDS = (compress, compare, bench)
+SUBCOMMANDS = (compress, compare, inspect, sweep, bench, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each layer")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="log errors only, and draw no progress bars")
+    parser.add_argument("--progress", action="store_true",
+                        help="draw progress bars even when stderr is not a terminal")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice); on a machine busy with "
+                             "other work, 1 can be many times faster")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
@@ -37,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else \
         logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    set_progress(False if args.quiet else True if args.progress else None)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads} should be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
-        return args.run(args)
+        with logging_above_bars():
+            return args.run(args)
     except CLIError as err:
         if args.debug:
             raise
