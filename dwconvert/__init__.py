@@ -8,6 +8,7 @@
 
 from .checkpoint import load, save
 from .convert import convert
+from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
 from .ranks import BudgetError
 from .report import ConversionReport, LayerRecord
@@ -20,9 +21,12 @@ __all__ = [
     "ConversionReport",
     "DwPwConv2d",
     "FactorizedConv2d",
+    "FinetuneConfig",
+    "FinetuneResult",
     "LayerRecord",
     "PwDwConv2d",
     "convert",
+    "finetune",
     "load",
     "save",
 ]

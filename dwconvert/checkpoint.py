@@ -266,18 +266,28 @@ def save(
                              and not v.is_contiguous()]
     metadata = {"dwconvert": json.dumps(meta)}
 
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    logger.info("saved %d tensors and %d converted layers to %s", len(tensors),
+                len(meta["layers"]), path)
+    return path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Has ``write(tmp)`` fill a temporary file beside ``path``, then renames it to ``path``.
+
+    An interrupted or failed write leaves ``path`` as it was and no temporary file behind.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         # The temp file is 0o600; give the result the mode of any new file.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("saved %d tensors and %d converted layers to %s", len(tensors),
-                len(meta["layers"]), path)
     return path
 
 

@@ -7,10 +7,10 @@ import logging
 import sys
 
 from .. import __version__
-from . import compare, compress
+from . import compare, compress, finetune
 from .common import EXIT_CODES_HELP, EXIT_FAILURE, CLIError
 
-SUBCOMMANDS = (compress, compare)
+SUBCOMMANDS = (compress, compare, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
