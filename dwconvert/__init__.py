@@ -8,10 +8,11 @@
 
 from .checkpoint import load, save
 from .convert import convert
-from .finetune import FinetuneConfig, FinetuneResult, finetune
+from .finetune import finetune
 from .layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
 from .ranks import BudgetError
 from .report import ConversionReport, LayerRecord
+from .training import FinetuneConfig, FinetuneResult
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,8 @@ from torch import nn
 from ..checkpoint import CheckpointError, load, read_recipe
 from ..costs import measure
 from ..data import DATA_SPECS_HELP, DataSpecError, load_dataset, select_images
-from ..finetune import OPTIMIZERS, FinetuneConfig, FinetuneResult, finetune
+from ..finetune import finetune
+from ..training import OPTIMIZERS, FinetuneConfig, FinetuneResult
 from ..report import format_count
 from .common import (
     EXIT_USAGE,
@@ -89,6 +90,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         help=f"default {d.optimizer}")
     recipe.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default 1e-3 for adamw, 0.01 for sgd)")
+    recipe.add_argument("--momentum", type=float, default=d.momentum,
+                        help=f"sgd momentum, Nesterov (default {d.momentum})")
     recipe.add_argument("--weight-decay", type=float, default=d.weight_decay,
                         help=f"default {d.weight_decay}")
     recipe.add_argument("--warmup", type=float, default=d.warmup,
