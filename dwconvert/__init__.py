@@ -8,25 +8,30 @@
 
 from .checkpoint import load, save
 from .convert import convert
+from .finetune import finetune
 from .inspection import ConvInspection, InspectionReport, RankError, inspect
 from .layers import CPConv2d, DwPwConv2d, FactorizedConv2d, PwDwConv2d
 from .ranks import BudgetError
 from .report import ConversionReport, LayerRecord
+from .training import FinetuneConfig, FinetuneResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError",
     "CPConv2d",
-    "ConversionReport",
     "ConvInspection",
+    "ConversionReport",
     "DwPwConv2d",
     "FactorizedConv2d",
+    "FinetuneConfig",
+    "FinetuneResult",
     "InspectionReport",
     "LayerRecord",
     "PwDwConv2d",
     "RankError",
     "convert",
+    "finetune",
     "inspect",
     "load",
     "save",

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import write_atomically
 from .graph import replace_module
 from .layers import FactorizedConv2d, build_empty, conv_spec
 
@@ -266,25 +266,10 @@ def save(
                              and not v.is_contiguous()]
     metadata = {"dwconvert": json.dumps(meta)}
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        # The temp file is 0o600; give the result the mode of any new file.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     logger.info("saved %d tensors and %d converted layers to %s", len(tensors),
                 len(meta["layers"]), path)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _untie(state: dict[str, torch.Tensor]):

@@ -189,7 +189,7 @@ def make_loader(
     """
     if batch_size < 1:
         raise DataSpecError(f"batch size {batch_size} must be at least 1")
-    dataset = _select(load_dataset(spec, **dataset_kwargs), limit, offset, spec)
+    dataset = select_images(load_dataset(spec, **dataset_kwargs), limit, offset, spec)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset,
@@ -201,7 +201,7 @@ def make_loader(
     )
 
 
-def _select(dataset: Dataset, limit: int | None, offset: int, spec: str) -> Dataset:
+def select_images(dataset: Dataset, limit: int | None, offset: int, spec: str) -> Dataset:
     """Returns images ``[offset, offset + limit)`` of a data set (all of it by default)."""
     size = len(dataset)
     if offset < 0 or offset >= size:

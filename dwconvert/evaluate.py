@@ -66,7 +66,7 @@ def evaluate(
     Returns:
         Top-1 accuracy and image count.
     """
-    tallies = _tally([model], loader, device, progress, "evaluate")
+    tallies = tally([model], loader, device, progress, "evaluate")
     return Evaluation(_fraction(tallies.correct[0], tallies.labelled), tallies.count)
 
 
@@ -93,7 +93,7 @@ def compare_models(
     Returns:
         Both evaluations and the fraction of images on which their predictions agree.
     """
-    tallies = _tally([original, converted], loader, device, progress, "compare")
+    tallies = tally([original, converted], loader, device, progress, "compare")
     return Comparison(
         original=Evaluation(_fraction(tallies.correct[0], tallies.labelled), tallies.count),
         converted=Evaluation(_fraction(tallies.correct[1], tallies.labelled), tallies.count),
@@ -102,8 +102,8 @@ def compare_models(
 
 
 @dataclass
-class _Tallies:
-    """Running counts over the batches."""
+class Tallies:
+    """Running counts over the batches: images, labelled images, correct per model, agreeing."""
 
     count: int
     labelled: int
@@ -111,21 +111,21 @@ class _Tallies:
     agreeing: int
 
 
-def _tally(
+def tally(
     models: list[nn.Module],
     loader: Iterable[Any],
     device: str | torch.device,
     progress: bool | None,
     description: str,
-) -> _Tallies:
+) -> Tallies:
     """Runs every model on every batch and counts correct and agreeing predictions."""
-    tallies = _Tallies(count=0, labelled=0, correct=[0] * len(models), agreeing=0)
+    tallies = Tallies(count=0, labelled=0, correct=[0] * len(models), agreeing=0)
     models = [model.to(device) for model in models]
     batches = progress_bar(loader, description, unit="batch") if progress is None else \
         tqdm(loader, desc=description, unit="batch", disable=not progress)
     with eval_mode(*models), torch.inference_mode():
         for batch in batches:
-            inputs, labels = _split_batch(batch)
+            inputs, labels = split_batch(batch)
             inputs = inputs.to(device)
             predictions = [_predict(model, inputs) for model in models]
             tallies.count += inputs.shape[0]
@@ -139,7 +139,7 @@ def _tally(
     return tallies
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Separates a loader item into inputs and labels (None if it has no labels)."""
     if isinstance(batch, torch.Tensor):
         return batch, None

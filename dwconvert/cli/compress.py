@@ -7,9 +7,18 @@ import logging
 
 from ..checkpoint import save
 from ..convert import BUDGET_SCOPES, OBJECTIVES, convert
+from ..costs import measure
 from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
+from .finetune import (
+    add_training_options,
+    datasets_from,
+    first_image,
+    is_main_process,
+    print_outcome,
+    run_finetune,
+)
 from .common import (
     HelpFormatter,
     EXIT_CONVERSION,
@@ -34,6 +43,9 @@ EXAMPLE = """examples:
   dwconvert compress model.pth -o model-dw.safetensors \\
       --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \\
       --calib mnist5k --calib-samples 512 --report model-dw.md
+  dwconvert compress model.pth -o model-dw.safetensors \
+      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \
+      --finetune mnist5k --finetune-limit 4000 --val-offset 4000 --epochs 1 --lr 0.01
 """
 
 
@@ -122,6 +134,18 @@ def add_parser(subparsers) -> None:
     add_report_option(parser)
     parser.add_argument("--force", action="store_true",
                         help="replace OUTPUT and the --report file if they exist")
+    tuning = parser.add_argument_group(
+        "fine-tuning after conversion (by distillation from the original; see finetune)")
+    tuning.add_argument("--finetune", metavar="SPEC", default=None,
+                        help="training images (a data spec); OUTPUT then holds the fine-tuned "
+                             "model of the best epoch")
+    tuning.add_argument("--finetune-split", default="train", choices=("train", "test"),
+                        help="split of --finetune, where it has splits (default: train)")
+    tuning.add_argument("--finetune-limit", type=int, default=None, metavar="N",
+                        help="train on N images only")
+    tuning.add_argument("--finetune-offset", type=int, default=0, metavar="N",
+                        help="skip the first N training images")
+    add_training_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -158,7 +182,13 @@ def calibration_loader(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    output = check_output_path(args.output, [args.input], args.force)
+    main = is_main_process()  # under torchrun, the other processes only train
+    if not main:
+        logging.getLogger().setLevel(logging.ERROR)
+    if args.resume and args.finetune is None:
+        raise CLIError("--resume continues a fine-tuning run: give --finetune SPEC too",
+                       EXIT_USAGE)
+    output = check_output_path(args.output, [args.input], args.force or args.resume)
     report_path = check_report_path(args.report, [args.input, args.output], args.force)
     model = load_original(args.input, args.arch, args.arch_kwargs, args.allow_pickle)
     example = check_input_shape(model, args.input_shape)
@@ -177,9 +207,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err), EXIT_USAGE) from None
     report = converted.dwconvert_report
-    print(report.table())
-    print()
-    print(report.summary())
+    if main:
+        print(report.table())
+        print()
+        print(report.summary())
     if not report.converted:
         raise CLIError("no conv was converted, so nothing was written; see the notes above",
                        EXIT_CONVERSION)
@@ -188,9 +219,28 @@ def run(args: argparse.Namespace) -> int:
     if arch is None:  # a whole pickled model: rebuild it from its class
         cls = type(model)
         arch = f"{cls.__module__}:{cls.__qualname__}"
+    extra = {"source": str(args.input), "input_shape": list(args.input_shape),
+             "report": report.to_dict()}
+    if args.finetune is not None:
+        _finetune(args, model, converted, example, output, arch, extra)
+        if main:
+            write_report(report, report_path)
+        return 0
     save(converted, output, arch=arch, arch_kwargs=args.arch_kwargs, overwrite=args.force,
-         extra={"source": str(args.input), "input_shape": list(args.input_shape),
-                "report": report.to_dict()})
+         extra=extra)
     print(f"wrote {output}")
     write_report(report, report_path)
     return 0
+
+
+def _finetune(args, original, converted, example, output, arch, extra) -> None:
+    """Fine-tunes the converted model with the original as teacher; writes the best epoch."""
+    train, held_out = datasets_from(args, args.finetune, args.finetune_split,
+                                    args.finetune_limit, args.finetune_offset)
+    converted_cost = measure(converted, (first_image(held_out),))
+    result = run_finetune(converted, original, args, train, held_out, output, arch,
+                          args.arch_kwargs, extra)
+    if is_main_process():
+        print()
+        print_outcome(result, original, converted_cost, first_image(held_out), len(held_out))
+        print(f"wrote {output}")

@@ -8,10 +8,10 @@ import sys
 
 from .. import __version__
 from ..progress import logging_above_bars, set_progress
-from . import bench, compare, compress, export, inspect, sweep
+from . import bench, compare, compress, export, finetune, inspect, sweep
 from .common import EXIT_CODES_HELP, EXIT_FAILURE, CLIError
 
-SUBCOMMANDS = (compress, compare, inspect, sweep, bench, export)
+SUBCOMMANDS = (compress, compare, finetune, inspect, sweep, bench, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
