@@ -41,10 +41,24 @@ NOT_RUN = {
     "bash scripts/test.sh": "runs this suite",
     "bash scripts/setup.sh examples && bash examples/mnist_end_to_end.sh":
         "installs, then runs README's compress and compare once per form (by hand)",
+    "dwconvert finetune mnist-dwpw.safetensors --teacher \"$CKPT\" --data mnist5k --limit 4000 "
+    "--val-offset 4000 --epochs 3 -o mnist-dwpw-3.safetensors":
+        "interrupted by hand; tests/test_finetune.py interrupts and resumes a run",
+    "dwconvert finetune mnist-dwpw.safetensors --teacher \"$CKPT\" --data mnist5k --limit 4000 "
+    "--val-offset 4000 --epochs 3 -o mnist-dwpw-3.safetensors --resume":
+        "tests/test_finetune.py resumes an interrupted run and checks the weights",
+    "torchrun --nproc_per_node 2 -m dwconvert finetune mnist-dwpw.safetensors --teacher "
+    "\"$CKPT\" --data mnist5k --limit 4000 --val-offset 4000 -o mnist-dwpw-ddp.safetensors":
+        "tests/test_distributed.py runs the finetune command under torchrun",
+    "bash examples/distributed_finetune.sh": "tests/test_distributed.py runs its torchrun step",
+    "bash scripts/setup.sh bench && .venv/bin/python benchmarks/latency.py":
+        "the latency benchmark, about an hour; its --quick mode is smoke-tested by hand",
+    "dwconvert bench model.pth model-dw.safetensors --input-shape 3,224,224 --batch 1,8 "
+    "--threads 2": "a user's own files; tests/test_bench_cli.py runs bench on the MNIST CNN",
 }
 # Documents whose commands take minutes on a shared 2-core machine.
 SLOW = {"examples/README.md"}
-PYTHON_RUN = {"docs/getting-started.md"}
+PYTHON_RUN = {"docs/getting-started.md", "docs/finetuning.md"}
 
 
 def blocks(text: str) -> list[tuple[str, str]]:
@@ -54,7 +68,7 @@ def blocks(text: str) -> list[tuple[str, str]]:
 
 def commands(body: str) -> list[str]:
     """The command lines of a bash block, continuations joined, comments dropped."""
-    joined = re.sub(r"\\\n\s*", " ", body)
+    joined = re.sub(r"\s*\\\n\s*", " ", body)
     lines = []
     for line in joined.splitlines():
         line = re.sub(r"\s+#.*$", "", line).strip()
@@ -180,6 +194,8 @@ def test_options_are_spelled_one_way():
     for sub in _subparsers().values():
         for action in sub._actions:
             long = [o for o in action.option_strings if o.startswith("--")]
+            # --amp / --no-amp (argparse.BooleanOptionalAction) is one option.
+            long = [o for o in long if not (o.startswith("--no-") and f"--{o[5:]}" in long)]
             for option in long:
                 assert re.fullmatch(r"--[a-z0-9]+(-[a-z0-9]+)*", option), option
             if long:
