@@ -23,7 +23,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import calibrate, factorize, ranks
+from . import calibrate, factorize, fold, ranks
 from .costs import Geometry, ModelCost, measure
 from .factorize import FORMS, KernelShape, Whitening
 from .graph import ConvSites, find_convs, replace_module
@@ -53,6 +53,7 @@ def convert(
     calibration: Any = None,
     calib_samples: int | None = 512,
     recalibrate_bn: bool = False,
+    fold_bn: bool = False,
     exclude: Sequence[str] = (),
     inplace: bool = False,
     cp_iters: int = 100,
@@ -96,6 +97,10 @@ def convert(
         calib_samples: use at most this many calibration images.
         recalibrate_bn: re-estimate BatchNorm running statistics on the
             calibration images after the refit.
+        fold_bn: first fold each eval-mode ``BatchNorm2d`` that directly follows a
+            conv into that conv (``W * s``, ``(b - mean) * s + beta``), and put a
+            :class:`~dwconvert.fold.FoldedBatchNorm2d` (an identity) in its place.
+            For inference only: the folded BatchNorms' statistics are gone.
         exclude: qualified names or glob patterns (``"layer4.*"``) of convs to keep.
         inplace: convert ``model`` itself instead of a copy.
         cp_iters: ALS iterations for the ``cp`` form.
@@ -127,6 +132,9 @@ def convert(
     params_before = sum(p.numel() for p in model.parameters())
     target = model if inplace else copy.deepcopy(model)
     reference = copy.deepcopy(model) if inplace and batches is not None else model
+    fold_notes = _fold(target) if fold_bn else []
+    if fold_bn and batches is not None:
+        reference = copy.deepcopy(target)  # the refit targets the folded convs' outputs
 
     # 1. Find the convs and measure the model.
     sites = find_convs(target)
@@ -207,8 +215,18 @@ def convert(
     after = measure(target, example_inputs) if example_inputs is not None else None
     report = _report(target, sites, records, before, after, budget, params_before, notes)
     report.budget_on, report.budget_scope = budget_on, budget_scope
+    report.notes[:0] = fold_notes
     target.dwconvert_report = report
     return target
+
+
+def _fold(target: nn.Module) -> list[str]:
+    result = fold.fold_batchnorm(target)
+    notes = [f"folded {len(result.folds)} BatchNorm2d into the conv before each "
+             "(inference only: their running statistics are gone)"]
+    if not result.traced and result.kept:
+        notes.append(f"no BatchNorm folded: {next(iter(result.kept.values()))}")
+    return notes
 
 
 def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope):

@@ -97,6 +97,9 @@ def add_parser(subparsers) -> None:
                         help="split of the calibration data spec (default: train)")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-estimate BatchNorm statistics on the calibration images")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="fold each eval-mode BatchNorm2d that follows a conv into it "
+                             "first; for inference only (the BatchNorm statistics are gone)")
     add_data_options(parser, evaluation=False)
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave convs whose name matches this glob unconverted (repeatable)")
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                             tolerance=args.tolerance, budget_on=args.budget_on,
                             budget_scope=args.budget_scope, example_inputs=example,
                             calibration=calibration, calib_samples=args.calib_samples,
-                            recalibrate_bn=args.recalibrate_bn, exclude=args.exclude,
+                            recalibrate_bn=args.recalibrate_bn, fold_bn=args.fold_bn,
+                            exclude=args.exclude,
                             cp_iters=args.cp_iters)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
