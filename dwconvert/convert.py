@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 Rank = Union[int, str]
 
+class WeightsError(ValueError):
+    """A conv whose weights cannot be factorized (NaN or Inf values)."""
+
+
 DEFAULT_BUDGET = 0.5
 AUTO = "auto"
 BUDGET_SCOPES = ("model", "convertible")
@@ -115,8 +119,10 @@ def convert(
 
     Raises:
         ValueError: for an unknown form, a rank below 1, a budget outside (0, 1],
-            NaN or Inf weights; :class:`~dwconvert.ranks.BudgetError` (a
-            ``ValueError``) for a budget below what the model can reach.
+            or ``example_inputs`` the model rejects; :class:`WeightsError` (a
+            ``ValueError``) for NaN or Inf weights, naming the layer;
+            :class:`~dwconvert.ranks.BudgetError` (a ``ValueError``) for a budget
+            below what the model can reach.
     """
     forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
                                            budget_scope)
@@ -138,7 +144,7 @@ def convert(
 
     # 1. Find the convs and measure the model.
     sites = find_convs(target)
-    before = measure(target, example_inputs) if example_inputs is not None else None
+    before = _measure_example(target, example_inputs)
     convs = {name: target.get_submodule(name) for name in sites.names}
 
     # 2. Decide, per conv, whether it can be converted at all.
@@ -162,7 +168,7 @@ def convert(
                        name, reason)
             continue
         if not torch.isfinite(conv.weight).all():
-            raise ValueError(
+            raise WeightsError(
                 f"layer {name} has NaN or Inf weights; fix or retrain it, or leave it "
                 f"unconverted with exclude=[{name!r}] (CLI: --exclude {name})"
             )
@@ -218,6 +224,20 @@ def convert(
     report.notes[:0] = fold_notes
     target.dwconvert_report = report
     return target
+
+
+def _measure_example(model: nn.Module, example_inputs) -> ModelCost | None:
+    if example_inputs is None:
+        return None
+    try:
+        return measure(model, example_inputs)
+    except Exception as err:  # the model's own error, for an input it cannot take
+        shapes = ", ".join("x".join(map(str, x.shape)) if isinstance(x, torch.Tensor)
+                           else type(x).__name__ for x in example_inputs)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"the model rejects example_inputs of shape {shapes} "
+                         f"({type(err).__name__}: {first}); give inputs of the shape "
+                         "it expects") from err
 
 
 def _fold(target: nn.Module) -> list[str]:

@@ -6,12 +6,13 @@ import argparse
 import logging
 
 from ..checkpoint import save
-from ..convert import BUDGET_SCOPES, convert
+from ..convert import BUDGET_SCOPES, WeightsError, convert
 from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
 from .common import (
     EXIT_CONVERSION,
+    EXIT_INPUT,
     EXIT_USAGE,
     CLIError,
     add_arch_options,
@@ -145,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
                             cp_iters=args.cp_iters)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
+    except WeightsError as err:
+        raise CLIError(f"{args.input!r}: {err}", EXIT_INPUT) from None
     except ValueError as err:
         raise CLIError(str(err), EXIT_USAGE) from None
     report = converted.dwconvert_report
