@@ -252,7 +252,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def summary(results: list[dict[str, Any]]) -> dict[str, int]:
     return {
-        "tried": len(results),
+        "tried": sum(r["status"] != "not run" for r in results),
         "skipped": sum(r["status"] == "skipped" for r in results),
         "converted": sum(r.get("converted_full", 0) > 0 for r in results),
         "exact": sum(bool(r.get("exact")) and r.get("converted_full", 0) > 0
@@ -260,6 +260,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, int]:
         "budget_ok": sum(r["status"] == "ok" and r.get("converted_budget", 0) > 0
                          for r in results),
         "failed": sum(r["status"] == "failed" for r in results),
+        "not_run": sum(r["status"] == "not run" for r in results),
     }
 
 
@@ -280,7 +281,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"**{counts['tried']} models tried, {counts['skipped']} skipped, "
         f"{counts['converted']} converted, {counts['exact']} exact at full rank, "
         f"{counts['budget_ok']} ran at budget {BUDGET} with fewer MACs and the same output "
-        f"shape, {counts['failed']} failed.**",
+        f"shape, {counts['failed']} failed"
+        + (f"; {counts['not_run']} not reached in this run" if counts["not_run"] else "")
+        + ".**",
         "",
         "| model | params | input | convs | converted | exact error | budget scope "
         "| MACs kept | s | status |",
@@ -301,6 +304,25 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render(paths: list[str], out: Path) -> int:
+    """Merge the results of earlier runs into one record, in the order of the sweep."""
+    found, meta = {}, None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta = meta or data["meta"]
+        found.update({r["model"]: r for r in data["results"]})
+    names = zoo_models()
+    results = [found.get(name, {"model": name, "status": "not run", "seconds": "",
+                                "reason": "not reached before the record was written"})
+               for name in names]
+    results += [r for name, r in found.items() if name not in names]
+    _write_atomic(out.with_suffix(".json"), json.dumps(
+        {"meta": meta, "summary": summary(results), "results": results}, indent=1))
+    _write_atomic(out.with_suffix(".md"), markdown(results, meta))
+    print(json.dumps(summary(results)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=None,
@@ -311,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fresh", action="store_true", help="ignore results of an earlier run")
+    parser.add_argument("--render", nargs="+", metavar="JSON", default=None,
+                        help="write OUT.md and OUT.json from the results in these files "
+                             "(e.g. of runs in parallel), listing models not reached")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, Path(args.out))
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
