@@ -304,7 +304,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(paths: list[str], out: Path) -> int:
+def render(paths: list[str], out: Path, note: str = "") -> int:
     """Merge the results of earlier runs into one record, in the order of the sweep."""
     found, meta = {}, None
     for path in paths:
@@ -318,7 +318,11 @@ def render(paths: list[str], out: Path) -> int:
     results += [r for name, r in found.items() if name not in names]
     _write_atomic(out.with_suffix(".json"), json.dumps(
         {"meta": meta, "summary": summary(results), "results": results}, indent=1))
-    _write_atomic(out.with_suffix(".md"), markdown(results, meta))
+    text = markdown(results, meta)
+    if note:
+        head, sep, rest = text.partition("\n\n**")
+        text = f"{head}\n\n{note}{sep}{rest}"
+    _write_atomic(out.with_suffix(".md"), text)
     print(json.dumps(summary(results)))
     return 0
 
@@ -336,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", nargs="+", metavar="JSON", default=None,
                         help="write OUT.md and OUT.json from the results in these files "
                              "(e.g. of runs in parallel), listing models not reached")
+    parser.add_argument("--note", default="", help="a paragraph for the record (--render)")
     args = parser.parse_args(argv)
     if args.render:
-        return render(args.render, Path(args.out))
+        return render(args.render, Path(args.out), args.note)
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
