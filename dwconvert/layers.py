@@ -125,6 +125,9 @@ class FactorizedConv2d(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         for layer in self.children():
             x = layer(x)
+        if self.channels_last:
+            # A layer whose shape makes both formats the same strides can drop it.
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def extra_repr(self) -> str:
