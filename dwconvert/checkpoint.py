@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import write_atomically
+from .fold import folded_layers, restore_structure
 from .graph import replace_module
 from .layers import FactorizedConv2d, build_empty, conv_spec
 
@@ -255,6 +256,7 @@ def save(
         "arch": arch,
         "arch_kwargs": arch_kwargs or {},
         "layers": recipe(model),
+        "folded_bn": folded_layers(model),
         "extra": extra or {},
     }
     state = model.state_dict()
@@ -362,7 +364,17 @@ def load(
             )
         model = build_model(spec, arch_kwargs if arch_kwargs is not None else meta["arch_kwargs"])
 
-    # 2. Empty factorized layers where the recipe says, each module built once.
+    # 2. BatchNorms folded into convs: identities in their place, biases on the convs.
+    folded = meta.get("folded_bn", {})
+    try:
+        if not isinstance(folded, dict):
+            raise TypeError(f"folded_bn is a {type(folded).__name__}, not a dict")
+        restore_structure(model, folded)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"the folded BatchNorms in the recipe of {str(path)!r} do not "
+                              f"fit the model {type(model).__name__} ({err}); check arch") from None
+
+    # 3. Empty factorized layers where the recipe says, each module built once.
     built: dict[int, FactorizedConv2d] = {}
     for name, layer in meta["layers"].items():
         try:
@@ -386,7 +398,7 @@ def load(
             if alias is conv:
                 replace_module(model, alias_name, module)
 
-    # 3. The tensors.
+    # 4. The tensors.
     state = load_file(path, device=str(device))
     for key, source in meta.get("tied", {}).items():
         if source not in state:

@@ -24,7 +24,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import calibrate, factorize, ranks, speed
+from . import calibrate, factorize, fold, ranks, speed
 from .costs import Geometry, ModelCost, measure
 from .factorize import FORMS, KernelShape, Whitening
 from .graph import ConvSites, find_convs, replace_module
@@ -38,6 +38,10 @@ from .report import ConversionReport, LayerRecord
 logger = logging.getLogger(__name__)
 
 Rank = Union[int, str]
+
+class WeightsError(ValueError):
+    """A conv whose weights cannot be factorized (NaN or Inf values)."""
+
 
 DEFAULT_BUDGET = 0.5
 AUTO = "auto"
@@ -58,6 +62,7 @@ def convert(
     calibration: Any = None,
     calib_samples: int | None = 512,
     recalibrate_bn: bool = False,
+    fold_bn: bool = False,
     exclude: Sequence[str] = (),
     inplace: bool = False,
     cp_iters: int = 100,
@@ -106,6 +111,10 @@ def convert(
         calib_samples: use at most this many calibration images.
         recalibrate_bn: re-estimate BatchNorm running statistics on the
             calibration images after the refit.
+        fold_bn: first fold each eval-mode ``BatchNorm2d`` that directly follows a
+            conv into that conv (``W * s``, ``(b - mean) * s + beta``), and put a
+            :class:`~dwconvert.fold.FoldedBatchNorm2d` (an identity) in its place.
+            For inference only: the folded BatchNorms' statistics are gone.
         exclude: qualified names or glob patterns (``"layer4.*"``) of convs to keep.
         inplace: convert ``model`` itself instead of a copy.
         cp_iters: ALS iterations for the ``cp`` form.
@@ -139,8 +148,10 @@ def convert(
 
     Raises:
         ValueError: for an unknown form, a rank below 1, a budget outside (0, 1],
-            NaN or Inf weights; :class:`~dwconvert.ranks.BudgetError` (a
-            ``ValueError``) for a budget below what the model can reach.
+            or ``example_inputs`` the model rejects; :class:`WeightsError` (a
+            ``ValueError``) for NaN or Inf weights, naming the layer;
+            :class:`~dwconvert.ranks.BudgetError` (a ``ValueError``) for a budget
+            below what the model can reach.
     """
     forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
                                            budget_scope, objective, speedup, example_inputs)
@@ -169,6 +180,9 @@ def convert(
     params_before = sum(p.numel() for p in model.parameters())
     target = model if inplace else copy.deepcopy(model)
     reference = copy.deepcopy(model) if inplace and (batches is not None or timing) else model
+    fold_notes = _fold(target) if fold_bn else []
+    if fold_bn and (batches is not None or timing):
+        reference = copy.deepcopy(target)  # refit and timing compare with the folded convs
 
     # 1-2. Find the convs, measure the model, decide which convs can be converted.
     found = survey(target, example_inputs, exclude)
@@ -251,6 +265,7 @@ def convert(
     report = _report(target, sites, records, before, after, budget, params_before, notes)
     report.budget_on, report.budget_scope = budget_on, budget_scope
     report.objective, report.speedup_target = objective, speedup
+    report.notes[:0] = fold_notes
     if timing:
         seconds = timer({"original": reference, "converted": target}, example_inputs)
         report.time_before, report.time_after = seconds["original"], seconds["converted"]
@@ -295,7 +310,7 @@ def survey(model: nn.Module, example_inputs: tuple | None,
         ValueError: a convertible conv has NaN or Inf weights.
     """
     sites = find_convs(model)
-    before = measure(model, example_inputs) if example_inputs is not None else None
+    before = _measure_example(model, example_inputs)
     convs = {name: model.get_submodule(name) for name in sites.names}
 
     records: dict[str, LayerRecord] = {}
@@ -318,13 +333,36 @@ def survey(model: nn.Module, example_inputs: tuple | None,
                        name, reason)
             continue
         if not torch.isfinite(conv.weight).all():
-            raise ValueError(
+            raise WeightsError(
                 f"layer {name} has NaN or Inf weights; fix or retrain it, or leave it "
                 f"unconverted with exclude=[{name!r}] (CLI: --exclude {name})"
             )
         layers[name] = layer
         records[name].convertible = True
     return Survey(sites, before, convs, records, layers)
+
+
+def _measure_example(model: nn.Module, example_inputs) -> ModelCost | None:
+    if example_inputs is None:
+        return None
+    try:
+        return measure(model, example_inputs)
+    except Exception as err:  # the model's own error, for an input it cannot take
+        shapes = ", ".join("x".join(map(str, x.shape)) if isinstance(x, torch.Tensor)
+                           else type(x).__name__ for x in example_inputs)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"the model rejects example_inputs of shape {shapes} "
+                         f"({type(err).__name__}: {first}); give inputs of the shape "
+                         "it expects") from err
+
+
+def _fold(target: nn.Module) -> list[str]:
+    result = fold.fold_batchnorm(target)
+    notes = [f"folded {len(result.folds)} BatchNorm2d into the conv before each "
+             "(inference only: their running statistics are gone)"]
+    if not result.traced and result.kept:
+        notes.append(f"no BatchNorm folded: {next(iter(result.kept.values()))}")
+    return notes
 
 
 def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope, objective="macs",

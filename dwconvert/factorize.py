@@ -20,11 +20,13 @@ Forms:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -408,16 +410,17 @@ def _cp(weight, groups, rank, n_iter_max, tol, seed, whitening):
         scale = whitening.trace.sqrt()[:, None, None, None]
         t = torch.einsum("gnms,gmi,gsj->gnij", t, whitening.channel, whitening.spatial) / scale
     factors, sq_error = [], 0.0
-    with tl.backend_context("pytorch"), warnings.catch_warnings():
+    with tl.backend_context("pytorch"), _lean_mttkrp(), warnings.catch_warnings():
         # The SVD initialisation fills ranks above a mode's size at random, and says so.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         for group_kernel in t:  # (Ng, Mg, k2), one decomposition per group
-            cp = parafac(group_kernel, rank, n_iter_max=n_iter_max, init="svd", tol=tol,
+            init = _svd_init(group_kernel, rank, seed)
+            cp = parafac(group_kernel, rank, n_iter_max=n_iter_max, init=init, tol=tol,
                          random_state=seed, normalize_factors=False)
             a, b, c = cp.factors
             a = a * cp.weights  # fold the CP weights into the output factor
-            approx = _cp_kernel(a, b, c)
-            sq_error += float((group_kernel - approx).pow(2).sum())
+            # In place: no more kernel-sized temporaries than the reconstruction.
+            sq_error += float(_cp_kernel(a, b, c).sub_(group_kernel).pow_(2).sum())
             factors.append((a, b, c))
     a, b, c = (torch.stack(f) for f in zip(*factors))
     if whitening is not None:
@@ -427,6 +430,91 @@ def _cp(weight, groups, rank, n_iter_max, tol, seed, whitening):
     norm2 = whitening.out_energy if whitening is not None else float(t.pow(2).sum())
     a, b, c = _balance(a, b, c)
     return CPFactors(a, b, c), sq_error, norm2
+
+
+def _mttkrp(tensor: torch.Tensor, cp_tensor, mode: int) -> torch.Tensor:
+    """``unfold(tensor, mode) @ khatri_rao(other factors)`` of a 3-way kernel, lean.
+
+    TensorLy forms the Khatri-Rao product of the two other factors: for the tap
+    mode that is ``(Ng*Mg, R)``, several times the kernel. Here, for
+    ``tensor (Ng, Mg, k2)`` and factors ``A (Ng, R)``, ``B (Mg, R)``, ``C (k2, R)``,
+    every intermediate is at most ``max(Ng*Mg, Mg*k2 * min(R, Ng))`` entries:
+    ``X = A^T T`` over the output mode, in chunks of at most ``Ng`` ranks.
+    """
+    weights, (a, b, c) = cp_tensor
+    if weights is not None:
+        a = a * weights
+    ng, mg, k2 = tensor.shape
+    if mode == 0:
+        kr = (b[:, None, :] * c[None, :, :]).reshape(mg * k2, -1)  # (Mg*k2, R)
+        return tensor.reshape(ng, mg * k2) @ kr
+    flat = tensor.reshape(ng, mg * k2)
+    parts = []
+    for lo in range(0, a.shape[1], max(1, ng)):
+        hi = min(a.shape[1], lo + max(1, ng))
+        x = (a[:, lo:hi].T @ flat).reshape(hi - lo, mg, k2)  # (r, Mg, k2)
+        if mode == 1:
+            parts.append((x * c[:, lo:hi].T[:, None, :]).sum(dim=2).T)  # (Mg, r)
+        else:
+            parts.append((x * b[:, lo:hi].T[:, :, None]).sum(dim=1).T)  # (k2, r)
+    return torch.cat(parts, dim=1)
+
+
+@contextlib.contextmanager
+def _lean_mttkrp():
+    """Make TensorLy's ALS use :func:`_mttkrp` for 3-way tensors while inside.
+
+    TensorLy dispatches ``unfolding_dot_khatri_rao`` to its current tenalg backend;
+    the backend's own method is put back on exit (not safe across threads).
+    """
+    import tensorly.tenalg as tenalg
+
+    backend = tenalg.current_backend()
+    original = backend.unfolding_dot_khatri_rao
+
+    def lean(tensor, cp_tensor, mode):
+        if tensor.ndim == 3 and isinstance(tensor, torch.Tensor):
+            return _mttkrp(tensor, cp_tensor, mode)
+        return original(tensor, cp_tensor, mode)
+
+    tenalg.register_backend_method("unfolding_dot_khatri_rao", lean)
+    try:
+        yield
+    finally:
+        tenalg.register_backend_method("unfolding_dot_khatri_rao", original)
+
+
+def _svd_init(t: torch.Tensor, rank: int, seed: int):
+    """TensorLy's SVD initialisation of CP, from the Gram matrix of each mode.
+
+    For an ``(Ng, Mg, k2)`` kernel, TensorLy's ``init="svd"`` takes an economy SVD
+    of each unfolding, e.g. ``Mg x Ng*k2``, which for a 1024-channel 3x3 conv needs
+    more than a gigabyte and minutes. The leading left singular vectors of an
+    unfolding ``X`` are the leading eigenvectors of ``X X^T``, a matrix the size of
+    one mode (at most ``max(Ng, Mg)`` squared), built without copying ``X``. As in
+    TensorLy: the first factor is scaled by the singular values, signs make each
+    column's largest entry positive, and ranks above a mode's size are filled with
+    uniform random columns.
+    """
+    from tensorly.cp_tensor import CPTensor
+
+    rng = np.random.RandomState(seed)
+    # (Ng, Ng), (Mg, Mg), (k2, k2)
+    grams = (torch.einsum("nms,pms->np", t, t), torch.einsum("nms,nps->mp", t, t),
+             torch.einsum("nms,nmp->sp", t, t))
+    factors = []
+    for mode, gram in enumerate(grams):
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+        signs = torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True)))
+        vectors = vectors * torch.where(signs == 0, 1.0, signs)
+        if mode == 0:
+            vectors = vectors * values.clamp_min(0).sqrt()
+        if vectors.shape[1] < rank:
+            extra = torch.from_numpy(rng.random_sample((gram.shape[0], rank - vectors.shape[1])))
+            vectors = torch.cat([vectors, extra.to(vectors)], dim=1)
+        factors.append(vectors)
+    return CPTensor((torch.ones(rank, dtype=t.dtype, device=t.device), factors))
 
 
 def _balance(a, b, c):

@@ -208,10 +208,14 @@ class FactorizedConv2d(nn.Module):
         if not self._options:
             for layer in self.children():
                 x = layer(x)
-            return x
-        if "channels_last" in self._options and not self.channels_last:
+        elif "channels_last" in self._options and not self.channels_last:
             return self._arranged(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return self._arranged(x)
+        else:
+            x = self._arranged(x)
+        if self.channels_last:
+            # A layer whose shape makes both formats the same strides can drop it.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _arranged(self, x: torch.Tensor) -> torch.Tensor:
         """The chain run with this module's layout options; each form defines it."""

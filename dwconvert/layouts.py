@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .fold import fold_into
 from .latency import MedianTimer, ModuleTimer, capture_inputs
 from .layers import PLAIN, FactorizedConv2d
 
@@ -104,18 +105,6 @@ def set_layouts(model: nn.Module, layout: str | Mapping[str, str] = PLAIN) -> No
             module.set_layout(layout[name])
 
 
-def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
-    """``norm(conv(x))`` as one conv: scale the kernel per output, shift the bias."""
-    with torch.no_grad():
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps) if norm.affine else \
-            1 / torch.sqrt(norm.running_var + norm.eps)
-        shift = -norm.running_mean * scale + (norm.bias if norm.affine else 0)
-        weight = conv.weight * scale.to(conv.weight.dtype).view(-1, 1, 1, 1)
-        conv.weight = nn.Parameter(weight)  # elementwise: keeps the memory format
-        bias = shift if conv.bias is None else conv.bias * scale + shift
-        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
-
-
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
         return isinstance(m, (nn.Conv2d, FactorizedConv2d, nn.BatchNorm2d)) or \
@@ -162,7 +151,7 @@ def fold_batchnorm(model: nn.Module) -> int:
             last = conv
         else:
             continue
-        _fold(last, norm)
+        fold_into(last, norm)
         parent, _, child = node.target.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
         folded += 1

@@ -19,6 +19,14 @@ SVD_FORMS = ("dw-pw", "pw-dw")
 
 CHANNELS_LAST = torch.channels_last
 
+# Counts that test modules report at the end of the run (configurations, models tried).
+SUMMARY_LINES: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY_LINES.values():
+        terminalreporter.write_line(line)
+
 
 @pytest.fixture
 def single_thread():

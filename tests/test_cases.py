@@ -187,7 +187,7 @@ def conv_bn(conv: nn.Conv2d) -> nn.Sequential:
     nn.Conv2d(8, 16, 3, padding=1, groups=4, bias=False),
 ], ids=["bias-false", "bias-true", "grouped"])
 def test_c07_conv_then_batchnorm_exact_with_batchnorm_kept(conv, form):
-    # BatchNorm folding is not implemented: BN stays a module after the converted conv.
+    # Without fold_bn, BN stays a module after the converted conv (folding: test_fold.py).
     model = conv_bn(conv)
     x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
     result = dwconvert.convert(model, form=form, rank="full")

@@ -215,3 +215,17 @@ def test_spec_round_trip_reproduces_outputs(case, form):
     x = case.input()
     with torch.no_grad():
         assert torch.equal(rebuilt(x), module(x))
+
+
+@form_param
+def test_channels_last_output_when_a_layer_cannot_tell_formats(form):
+    # (1, 2, 1, 2): the last layer's weight and input have strides that fit both formats,
+    # so only the module itself knows that the original conv returns channels_last.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 1, bias=False).to(memory_format=CHANNELS_LAST)
+    x = torch.randn(1, 2, 1, 2).to(memory_format=CHANNELS_LAST)
+    module = MODULES[form].from_conv(conv, 1, cp_iters=2)
+    with torch.no_grad():
+        expected, out = conv(x), module(x)
+    assert memory_format(expected) == "channels_last"
+    assert memory_format(out) == "channels_last", out.stride()

@@ -22,7 +22,8 @@ EXIT_CONVERSION = 4  # the conversion cannot do what was asked (e.g. an unreacha
 
 EXIT_CODES_HELP = (
     "exit codes: 0 success, 1 unexpected error (rerun with --debug), 2 bad options, "
-    "3 unusable input (checkpoint, arch, data, input shape), 4 conversion impossible "
+    "3 unusable input (checkpoint, arch, data, input shape, NaN or Inf weights), "
+    "4 conversion impossible "
     "as asked (e.g. budget below the reachable minimum)"
 )
 

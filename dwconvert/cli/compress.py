@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..checkpoint import save
-from ..convert import BUDGET_SCOPES, OBJECTIVES, convert
+from ..convert import BUDGET_SCOPES, OBJECTIVES, WeightsError, convert
 from ..costs import measure
 from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
@@ -22,6 +22,7 @@ from .finetune import (
 from .common import (
     HelpFormatter,
     EXIT_CONVERSION,
+    EXIT_INPUT,
     EXIT_USAGE,
     CLIError,
     add_arch_options,
@@ -127,6 +128,9 @@ def add_parser(subparsers) -> None:
                         help="split of the calibration data spec (default: train)")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-estimate BatchNorm statistics on the calibration images")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="fold each eval-mode BatchNorm2d that follows a conv into it "
+                             "first; for inference only (the BatchNorm statistics are gone)")
     add_data_options(parser, evaluation=False)
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave convs whose name matches this glob unconverted (repeatable)")
@@ -198,12 +202,15 @@ def run(args: argparse.Namespace) -> int:
                             tolerance=args.tolerance, budget_on=args.budget_on,
                             budget_scope=args.budget_scope, example_inputs=example,
                             calibration=calibration, calib_samples=args.calib_samples,
-                            recalibrate_bn=args.recalibrate_bn, exclude=args.exclude,
+                            recalibrate_bn=args.recalibrate_bn, fold_bn=args.fold_bn,
+                            exclude=args.exclude,
                             cp_iters=args.cp_iters, objective=args.objective,
                             speedup=args.speedup, layout=args.layout,
                             rank_multiple=args.rank_multiple)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
+    except WeightsError as err:
+        raise CLIError(f"{args.input!r}: {err}", EXIT_INPUT) from None
     except ValueError as err:
         raise CLIError(str(err), EXIT_USAGE) from None
     report = converted.dwconvert_report
