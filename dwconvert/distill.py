@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fold import FoldedBatchNorm2d
 from .layers import FactorizedConv2d
 
 
@@ -46,12 +47,19 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 def matched_layers(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module,
                                                                          nn.Module]]:
-    """Each converted layer of ``student`` with the teacher's module of the same name."""
+    """Each converted layer of ``student`` with the teacher's module that gives its output.
+
+    That is the teacher's conv of the same name, or, where a BatchNorm was folded into the
+    conv (``fold_bn=True``), the teacher's BatchNorm after it.
+    """
     teacher_modules = dict(teacher.named_modules())
+    folded = {module.conv: name for name, module in student.named_modules()
+              if isinstance(module, FoldedBatchNorm2d)}
     pairs = []
     for name, module in student.named_modules():
-        if isinstance(module, FactorizedConv2d) and name in teacher_modules:
-            pairs.append((name, module, teacher_modules[name]))
+        target = folded.get(name, name)
+        if isinstance(module, FactorizedConv2d) and target in teacher_modules:
+            pairs.append((name, module, teacher_modules[target]))
     return pairs
 
 

@@ -47,16 +47,29 @@ class Context:
         return self.world_size > 1
 
 
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+def resolve_device(device: str | torch.device | None, local_rank: int = 0,
+                   world_size: int = 1) -> torch.device:
     """``None``/``"auto"`` -> CUDA when available (``cuda:LOCAL_RANK``), else CPU."""
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {str(device)!r} is not a device: use auto, cpu, cuda or "
+                         "cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available; "
                              "use device='cpu'")
+        if device.index is not None and world_size > 1:
+            raise ValueError(f"device {str(device)!r} would put every process on one GPU: "
+                             "under torchrun give device='cuda' (each process takes "
+                             "cuda:LOCAL_RANK)")
         if device.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"process {local_rank} has no GPU of its own "
+                                 f"({torch.cuda.device_count()} visible): start at most that "
+                                 "many processes per node, or use device='cpu'")
             device = torch.device("cuda", local_rank)
     return device
 
@@ -69,7 +82,7 @@ def start(device: str | torch.device | None = None) -> Iterator[Context]:
         yield Context(rank=0, world_size=1, device=resolve_device(device))
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = resolve_device(device, local_rank)
+    chosen = resolve_device(device, local_rank, world_size)
     owns_group = not dist.is_initialized()
     if owns_group:
         backend = "nccl" if chosen.type == "cuda" else "gloo"

@@ -24,10 +24,13 @@ are those of rank 0's shard.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -125,7 +128,7 @@ def finetune(
     """
     config = replace(config or FinetuneConfig(), **options)
     paths = _check_paths(output, resume, overwrite)
-    with distributed.start(device) as context:
+    with distributed.start(device) as context, _terminate_as_interrupt():
         run = _Run(model, teacher, data, val_data, config, context, paths,
                    dict(arch=arch, arch_kwargs=arch_kwargs, extra=extra or {}), progress)
         return run.execute(resume)
@@ -226,7 +229,7 @@ class _Run:
             batches = iter(loader)
             try:
                 for _ in range(first, self.steps_per_epoch):
-                    self._rng_at_step = torch.get_rng_state()
+                    self._rng_at_step = _rng_state(self.context.device)
                     terms, count = self._step(trainee, next(batches), mine, theirs)
                     self.progress.step += 1
                     self.progress.loss_sum += terms.total * count
@@ -237,7 +240,7 @@ class _Run:
                                     img_s=f"{self.progress.images / self.progress.seconds:.0f}")
                     if self.progress.step % self.config.checkpoint_every == 0 and \
                             self.progress.step < self.steps_per_epoch:
-                        self._rng_at_step = torch.get_rng_state()
+                        self._rng_at_step = _rng_state(self.context.device)
                         self._save_state()
             except KeyboardInterrupt:
                 # The weights are those of the last completed step, unless the interrupt
@@ -246,7 +249,8 @@ class _Run:
                 raise
             finally:
                 bar.close()
-        self._rng_at_step = torch.get_rng_state()
+        self._rng_at_step = _rng_state(self.context.device)
+        self._save_state()  # an interrupt during evaluation then loses no training
 
     def _step(self, trainee, batch, mine, theirs) -> tuple[distill.LossTerms, int]:
         inputs, labels = split_batch(batch)
@@ -373,15 +377,23 @@ class _Run:
             scores["teacher"] = theirs / labelled if labelled else math.nan
         return scores
 
+    def _settings(self) -> dict[str, Any]:
+        """The recipe, and what else fixes the schedule: a resumed run must match it."""
+        return {**asdict(self.config),
+                "training_images": len(self.train_set), "batch_size": self.batch_size,
+                "held_out_images": None if self.val is None else len(self.val.dataset),
+                "steps_per_epoch": self.steps_per_epoch, "device_type": self.context.device.type,
+                "amp_dtype": str(self.amp_dtype)}
+
     def _state(self) -> dict[str, Any]:
         return {
-            "config": asdict(self.config),
+            "config": self._settings(),
             "world_size": self.context.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": getattr(self, "_rng_at_step", torch.get_rng_state()),
+            "rng": getattr(self, "_rng_at_step", _rng_state(self.context.device)),
             "progress": asdict(self.progress),
         }
 
@@ -401,12 +413,17 @@ class _Run:
                                self.progress.step, self.steps_per_epoch)
 
     def _load_state(self) -> None:
-        state = resume.read_state(self.paths.state, asdict(self.config),
+        state = resume.read_state(self.paths.state, self._settings(),
                                   self.context.world_size, self.context.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"the run in {str(self.paths.state)!r} does not fit this model "
+                             f"({first}); resume with the same converted model") from None
         self.progress = _Progress(**state["progress"])
         self._saved_rng = state["rng"]
         logger.info("resuming at epoch %d, step %d", self.progress.epoch + 1,
@@ -414,7 +431,34 @@ class _Run:
 
     def _restore_rng(self) -> None:
         if self.context.is_main and hasattr(self, "_saved_rng"):
-            torch.set_rng_state(self._saved_rng.cpu())
+            torch.set_rng_state(self._saved_rng["cpu"].cpu())
+            if "cuda" in self._saved_rng and self.context.device.type == "cuda":
+                torch.cuda.set_rng_state(self._saved_rng["cuda"].cpu(), self.context.device)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (torchrun stopping its workers, a batch system's preemption) acts as Ctrl-C,
+    so the run writes its resume file before it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Indices(Sampler[int]):

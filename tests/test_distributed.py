@@ -57,10 +57,24 @@ def test_two_gloo_processes_end_with_the_same_weights(tmp_path):
     if best_epoch == "2":  # the last epoch's weights are what both ranks hold
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, ranks[0][key]), key
-    # Only rank 0 wrote: no other files than the two weight dumps and the checkpoint.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.safetensors",
-                                                          "rank1.safetensors",
-                                                          "tuned.safetensors"]
+    # Only rank 0 wrote: no other files than the weight dumps and the checkpoint.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain0.safetensors", "plain1.safetensors", "rank0.safetensors", "rank1.safetensors",
+        "tuned.safetensors"]
+
+    # Two shards of 8 images, gradients averaged, are one process's batches of 16.
+    sys.path.insert(0, str(HERE))
+    try:
+        from ddp_worker import plain_run
+
+        torch.set_num_threads(1)
+        reference = plain_run(batch_size=16).state_dict()
+    finally:
+        sys.path.remove(str(HERE))
+    for r in (0, 1):
+        plain = load_file(tmp_path / f"plain{r}.safetensors")
+        for key, value in reference.items():
+            torch.testing.assert_close(plain[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_the_finetune_command_runs_under_torchrun(tmp_path):

@@ -417,7 +417,8 @@ def test_compress_with_finetune_writes_the_tuned_model(mnist, tmp_path, capsys):
 ])
 def test_finetune_command_errors_are_one_line(extra, words, damaged, tmp_path, capsys):
     argv = ["finetune", str(damaged), "--teacher", str(CNN_PATH), "--data", "mnist5k",
-            "-o", str(tmp_path / "tuned.safetensors"), *extra]
+            "--limit", "500", "--val-offset", "4000", "-o", str(tmp_path / "tuned.safetensors"),
+            *extra]
     with pytest.raises(SystemExit) if "--epochs" in extra else _nothing():
         code, _, err = _run(argv, capsys)
         assert code in (2, 3)
@@ -434,6 +435,32 @@ def test_finetune_command_keeps_an_existing_output(damaged, tmp_path, capsys):
                          "mnist5k", "-o", str(out_path)], capsys)
     assert code == 2 and "--force" in err
     assert out_path.read_bytes() == b"mine"
+
+
+def test_held_out_images_that_are_training_images_are_refused(damaged, tmp_path, capsys):
+    code, _, err = _run(["finetune", str(damaged), "--teacher", str(CNN_PATH), "--data",
+                         "mnist5k", "-o", str(tmp_path / "tuned.safetensors")], capsys)
+    assert code == 2 and "overlap the training images of 'mnist5k'" in err
+    assert not (tmp_path / "tuned.safetensors").exists()
+
+
+def test_an_interrupted_run_is_not_restarted_unasked(damaged, tmp_path, capsys):
+    out_path = tmp_path / "tuned.safetensors"
+    resume_path(out_path).write_bytes(b"state of an interrupted run")
+    code, _, err = _run(["finetune", str(damaged), "--teacher", str(CNN_PATH), "--data",
+                         "mnist5k", "--limit", "500", "--val-offset", "4000", "-o",
+                         str(out_path)], capsys)
+    assert code == 2 and "--resume" in err and "--force" in err
+    assert resume_path(out_path).read_bytes() == b"state of an interrupted run"
+
+
+def test_feature_matching_after_fold_bn_targets_the_teacher_batchnorm():
+    torch.manual_seed(0)
+    teacher = _TinyNet().eval()
+    student = dwconvert.convert(teacher, form="dw-pw", rank=1, fold_bn=True,
+                                example_inputs=torch.randn(1, 1, 8, 8))
+    pairs = {name: t for name, _, t in distill.matched_layers(student, teacher)}
+    assert pairs["conv1"] is teacher.bn and pairs["conv2"] is teacher.conv2
 
 
 def _nothing():

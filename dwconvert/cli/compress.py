@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from ..checkpoint import save
 from ..convert import BUDGET_SCOPES, OBJECTIVES, WeightsError, convert
@@ -13,9 +14,12 @@ from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
 from .finetune import (
     add_training_options,
+    check_resume_file,
     datasets_from,
     first_image,
     is_main_process,
+    non_negative_int,
+    positive_int,
     print_outcome,
     run_finetune,
 )
@@ -145,9 +149,9 @@ def add_parser(subparsers) -> None:
                              "model of the best epoch")
     tuning.add_argument("--finetune-split", default="train", choices=("train", "test"),
                         help="split of --finetune, where it has splits (default: train)")
-    tuning.add_argument("--finetune-limit", type=int, default=None, metavar="N",
+    tuning.add_argument("--finetune-limit", type=positive_int, default=None, metavar="N",
                         help="train on N images only")
-    tuning.add_argument("--finetune-offset", type=int, default=0, metavar="N",
+    tuning.add_argument("--finetune-offset", type=non_negative_int, default=0, metavar="N",
                         help="skip the first N training images")
     add_training_options(parser)
     parser.set_defaults(run=run)
@@ -193,6 +197,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--resume continues a fine-tuning run: give --finetune SPEC too",
                        EXIT_USAGE)
     output = check_output_path(args.output, [args.input], args.force or args.resume)
+    if args.finetune is not None:
+        check_resume_file(output, args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+                args.objective == "latency" or args.layout == "auto"):
+            raise CLIError("under torchrun each process would time its own layers and could "
+                           "choose other ranks: convert first (dwconvert compress without "
+                           "torchrun), then run dwconvert finetune under torchrun", EXIT_USAGE)
     report_path = check_report_path(args.report, [args.input, args.output], args.force)
     model = load_original(args.input, args.arch, args.arch_kwargs, args.allow_pickle)
     example = check_input_shape(model, args.input_shape)

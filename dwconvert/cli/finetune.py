@@ -21,6 +21,7 @@ from ..checkpoint import CheckpointError, load, read_recipe
 from ..costs import measure
 from ..data import DATA_SPECS_HELP, DataSpecError, load_dataset, select_images
 from ..finetune import finetune
+from ..resume import resume_path
 from ..progress import progress_enabled
 from ..training import OPTIMIZERS, FinetuneConfig, FinetuneResult
 from ..report import format_count
@@ -43,11 +44,14 @@ EXAMPLE = """examples:
       --epochs 2 -o small-ft.safetensors
 """
 
+# Specs whose split option is ignored: training and held-out images come from one set.
+SINGLE_SPLIT_SPECS = ("mnist5k", "imagefolder")
+
 # CLI option -> FinetuneConfig field, for the options that map one to one.
 _CONFIG_OPTIONS = {f.name for f in fields(FinetuneConfig)} - {"amp"}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -57,7 +61,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -67,6 +71,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _clip_norm(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} should be a norm >= 0 (0: no clipping)")
+    return value or None
+
+
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Held-out data, the recipe, and where it runs: shared by finetune and compress."""
     held_out = parser.add_argument_group("held-out data (evaluated after each epoch)")
@@ -74,17 +88,17 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                           help="held-out images (default: the training spec's test split)")
     held_out.add_argument("--val-split", default="test", choices=("train", "test"),
                           help="split of --val-data, where it has splits (default: test)")
-    held_out.add_argument("--val-limit", type=_positive_int, default=None, metavar="N",
+    held_out.add_argument("--val-limit", type=positive_int, default=None, metavar="N",
                           help="evaluate N held-out images only")
-    held_out.add_argument("--val-offset", type=_non_negative_int, default=0, metavar="N",
+    held_out.add_argument("--val-offset", type=non_negative_int, default=0, metavar="N",
                           help="skip the first N held-out images (e.g. the training ones of a "
                                "one-split spec like mnist5k)")
 
     d = FinetuneConfig()
     recipe = parser.add_argument_group("fine-tuning recipe")
-    recipe.add_argument("--epochs", type=_positive_int, default=d.epochs,
+    recipe.add_argument("--epochs", type=positive_int, default=d.epochs,
                         help=f"passes over the training data (default {d.epochs})")
-    recipe.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    recipe.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                         help=f"images per step and process (default {d.batch_size})")
     recipe.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                         help=f"default {d.optimizer}")
@@ -108,10 +122,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                              f"original conv's (default {d.feature_weight}: off)")
     recipe.add_argument("--freeze-bn", action="store_true",
                         help="keep BatchNorm running statistics fixed")
-    recipe.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm,
-                        help=f"largest gradient norm (default {d.clip_grad_norm})")
+    recipe.add_argument("--clip-grad-norm", type=_clip_norm, default=d.clip_grad_norm,
+                        help=f"largest gradient norm; 0 for no clipping "
+                             f"(default {d.clip_grad_norm})")
     recipe.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
-    recipe.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
+    recipe.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
                         metavar="STEPS", help="steps between writes of the resume file "
                                               f"(default {d.checkpoint_every})")
     recipe.add_argument("--device", default="auto",
@@ -144,9 +159,9 @@ def add_parser(subparsers) -> None:
                         help="training images, e.g. mnist5k or fashion-mnist:DIR")
     parser.add_argument("--split", default="train", choices=("train", "test"),
                         help="split of --data, where it has splits (default: train)")
-    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="train on N images only")
-    parser.add_argument("--offset", type=_non_negative_int, default=0, metavar="N",
+    parser.add_argument("--offset", type=non_negative_int, default=0, metavar="N",
                         help="skip the first N training images")
     parser.add_argument("--mean", type=parse_floats, default=None,
                         help="input normalisation mean per channel, e.g. 0.1307")
@@ -176,11 +191,12 @@ def datasets_from(args: argparse.Namespace, spec: str, split: str, limit, offset
                                        std=args.std), args.val_limit, args.val_offset, val_spec)
     except DataSpecError as err:
         raise CLIError(str(err)) from None
-    if val_spec == spec and args.val_split == split:
-        overlap = _overlap(offset, limit, args.val_offset, args.val_limit)
-        if overlap:
-            logger.warning("the held-out images overlap the training images (%s, split %s); "
-                           "choose --val-offset/--limit so they do not", spec, split)
+    same_split = args.val_split == split or spec.partition(":")[0] in SINGLE_SPLIT_SPECS
+    if val_spec == spec and same_split and _overlap(offset, limit, args.val_offset,
+                                                    args.val_limit):
+        raise CLIError(f"the held-out images overlap the training images of {spec!r}: "
+                       "give --val-data, or --limit and --val-offset so that they do not "
+                       "(e.g. --limit 4000 --val-offset 4000 for mnist5k)", EXIT_USAGE)
     return train, held_out
 
 
@@ -204,6 +220,14 @@ def run_finetune(student: nn.Module, teacher: nn.Module, args: argparse.Namespac
         raise CLIError(str(err), EXIT_USAGE) from None
 
 
+def check_resume_file(output, args: argparse.Namespace) -> None:
+    """Refuse to start afresh over the resume file of an interrupted run, unless --force."""
+    state = resume_path(output)
+    if state.exists() and not args.resume and not args.force:
+        raise CLIError(f"{str(state)!r} holds an interrupted run of {str(output)!r}: pass "
+                       "--resume to continue it, or --force to start again", EXIT_USAGE)
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -217,8 +241,8 @@ def print_outcome(result: FinetuneResult, original: nn.Module, converted_cost,
     print(tabulate(epochs, headers=["epoch", "train loss", "held-out top-1", "agreement",
                                     "seconds", "images/s"], disable_numparse=True))
     print()
-    original_cost = measure(original, (example,))
-    tuned_cost = measure(result.model, (example,))
+    original_cost = cost_of(original, example)
+    tuned_cost = cost_of(result.model, example)
     best = result.best
     rows = [
         ["original", _percent(result.teacher_top1), "-",
@@ -237,6 +261,12 @@ def print_outcome(result: FinetuneResult, original: nn.Module, converted_cost,
     print(f"{held_out_count} held-out images; {span}{processes}")
 
 
+def cost_of(model: nn.Module, example: torch.Tensor):
+    """MACs and parameters at ``example``, on whatever device the model is."""
+    device = next((p.device for p in model.parameters()), example.device)
+    return measure(model, (example.to(device),))
+
+
 def first_image(dataset) -> torch.Tensor:
     """The first image of a data set as a batch of one, for counting MACs."""
     item = dataset[0]
@@ -253,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.ERROR)
     output = check_output_path(args.output, [args.converted, args.teacher],
                                args.force or args.resume)
+    check_resume_file(output, args)
     try:
         meta = read_recipe(args.converted)
         student = load(args.converted, arch=args.arch, arch_kwargs=args.arch_kwargs)
@@ -263,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_original(args.teacher, arch, arch_kwargs, args.allow_pickle)
     train, held_out = datasets_from(args, args.data, args.split, args.limit, args.offset)
     example = first_image(held_out)
-    converted_cost = measure(student, (example,))
+    converted_cost = cost_of(student, example)
     result = run_finetune(student, teacher, args, train, held_out, output, arch, arch_kwargs)
     if is_main_process():
         print_outcome(result, teacher, converted_cost, example, len(held_out))
