@@ -283,7 +283,7 @@ class _NormalEquations:
         return torch.linalg.solve(zz, self.zy)
 
     def assign(self, coef: torch.Tensor) -> None:
-        last, g = self.last, self.last.groups
+        last = self.last
         n = last.out_channels
         has_bias = last.bias is not None
         w = coef[:, :-1] if has_bias else coef

@@ -3,7 +3,8 @@
 ``torchrun`` (single- or multi-node) sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in
 each process's environment. :func:`start` reads them, joins the process group (``gloo``
 for CPU tensors, ``nccl`` for CUDA ones) and picks each process's device; without them it
-returns a one-process context and nothing is initialised.
+returns a one-process context and nothing is initialised. A group it initialises stays
+until the process ends.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Context:
         rank: index of this process, 0 .. world_size - 1.
         world_size: number of processes.
         device: the device this process trains on.
-        owns_group: the process group was initialised here (and is destroyed here).
+        owns_group: the process group was initialised by this run.
     """
 
     rank: int
@@ -76,7 +77,11 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0,
 
 @contextlib.contextmanager
 def start(device: str | torch.device | None = None) -> Iterator[Context]:
-    """Joins the ``torchrun`` process group if there is one; leaves it on exit."""
+    """Joins the ``torchrun`` process group if there is one.
+
+    The group is kept for the rest of the process, so that later runs in it use the same
+    group: initialising one again after destroying it can hang on torchrun's store.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not dist.is_initialized():
         yield Context(rank=0, world_size=1, device=resolve_device(device))
@@ -91,13 +96,8 @@ def start(device: str | torch.device | None = None) -> Iterator[Context]:
                     dist.get_world_size(), dist.get_rank())
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    context = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=chosen,
-                      owns_group=owns_group)
-    try:
-        yield context
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    yield Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=chosen,
+                  owns_group=owns_group)
 
 
 def sum_across(context: Context, values: list[float]) -> list[float]:

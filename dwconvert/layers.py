@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import factorize
-from .factorize import KernelShape
 
 
 def conv_spec(conv: nn.Conv2d) -> dict[str, Any]:

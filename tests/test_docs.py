@@ -48,7 +48,8 @@ NOT_RUN = {
     "--val-offset 4000 --epochs 3 -o mnist-dwpw-3.safetensors --resume":
         "tests/test_finetune.py resumes an interrupted run and checks the weights",
     "torchrun --nproc_per_node 2 -m dwconvert finetune mnist-dwpw.safetensors --teacher "
-    "\"$CKPT\" --data mnist5k --limit 4000 --val-offset 4000 -o mnist-dwpw-ddp.safetensors":
+    "\"$CKPT\" --data mnist5k --limit 4000 --val-offset 4000 --epochs 1 --lr 0.01 "
+    "--batch-size 8 -o mnist-dwpw-ddp.safetensors":
         "tests/test_distributed.py runs the finetune command under torchrun",
     "bash examples/distributed_finetune.sh": "tests/test_distributed.py runs its torchrun step",
     "bash scripts/setup.sh bench && .venv/bin/python benchmarks/latency.py":

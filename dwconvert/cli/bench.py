@@ -86,9 +86,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     parser.add_argument("--repeats", type=int, default=20,
                         help="timed calls per model; the median is reported (default 20)")
-    parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
-                        help="keep BatchNorm layers in the PyTorch runtimes (default: fold "
-                             "them into the conv before, in both models)")
+    parser.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                        help="fold BatchNorm layers into the conv before them in the PyTorch "
+                             "runtimes, in both models (default: on; --no-fold-bn keeps them)")
     parser.add_argument("--budget", type=parse_budget, default=1 / 3,
                         help="without CONVERTED: fraction of the cost to keep (default 1/3)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="macs",
