@@ -221,7 +221,7 @@ def convert(
             record.full_rank = layers[name].full_rank(forms[0])
         if option.keeps_original:
             record.reason = record.reason or _keep_reason(layers[name], forms, rank, budget_on,
-                                                          tolerance)
+                                                          tolerance, budget)
             continue
         _convert_layer(target, name, sites, conv, layers[name], option, record,
                        whitening.get(name), cp_iters=cp_iters, seed=seed)
@@ -444,7 +444,8 @@ def _skip_reason(names: Sequence[str], conv: nn.Conv2d, exclude: Sequence[str]) 
     return ""
 
 
-def _keep_reason(layer: LayerCost, forms, rank, budget_on, tolerance) -> str:
+def _keep_reason(layer: LayerCost, forms, rank, budget_on, tolerance,
+                 budget: float | None = None) -> str:
     if rank is not None:
         form = forms[0]
         r = min(rank, layer.full_rank(form))
@@ -455,6 +456,8 @@ def _keep_reason(layer: LayerCost, forms, rank, budget_on, tolerance) -> str:
         return f"{' / '.join(forms)} at any rank costs as much as the original"
     if tolerance is not None:
         return f"no form within tolerance {tolerance:g} is cheaper than the original"
+    if budget is not None and budget >= 1:
+        return "kept: a budget of 1 leaves room for the exact original"
     return "kept: the budget is better spent on other layers"
 
 
