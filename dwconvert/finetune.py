@@ -177,7 +177,8 @@ class _Run:
         if self.steps_per_epoch == 0:
             raise ValueError("the training data is empty")
         self.optimizer = build_optimizer(model, config)
-        self.scheduler = build_schedule(self.optimizer, config, self.steps_per_epoch * config.epochs)
+        self.scheduler = build_schedule(self.optimizer, config,
+                                        self.steps_per_epoch * config.epochs)
         self.amp_dtype = amp_dtype(config, context.device)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and context.device.type == "cuda")

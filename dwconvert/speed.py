@@ -1,11 +1,12 @@
 """Measured time as the cost of each option of a conv (``objective="latency"``).
 
 For every form a conv can take, a few ranks (at most :data:`TIMED_RANKS`, spread
-over the useful ranks allowed by ``rank_multiple``) are built with random weights in every candidate layout
-and timed, interleaved with the original conv, at the conv's real input. The time
-of the other ranks is interpolated linearly between the timed ones (the work of
-every layer of a chain grows linearly with the rank). Options not faster than the
-original conv are dropped, so a conv stays as it is when nothing beats it.
+over the useful ranks allowed by ``rank_multiple``) are built with random weights in
+every candidate layout and timed, interleaved with the original conv, at the conv's
+real input. The time of the other ranks is interpolated linearly between the timed
+ones (the work of every layer of a chain grows linearly with the rank). Options not
+faster than the original conv are dropped, so a conv stays as it is when nothing
+beats it.
 
 The layouts are timed at the middle rank of each form only, and the other ranks in
 the layout that won there, so per conv at most ``forms * (layouts + TIMED_RANKS - 1) +
