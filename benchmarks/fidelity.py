@@ -43,7 +43,6 @@ import re
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +63,7 @@ import dwconvert  # noqa: E402
 from dwconvert.costs import measure  # noqa: E402
 from dwconvert.data import make_loader  # noqa: E402
 from dwconvert.evaluate import evaluate  # noqa: E402
+from dwconvert.files import write_atomically, write_text  # noqa: E402
 
 logger = logging.getLogger("fidelity")
 
@@ -885,25 +885,10 @@ def markdown_report(results: dict) -> str:
 # --------------------------------------------------------------------------- output files
 
 
-def publish(temp: str, path: Path) -> None:
-    """Gives a finished temporary file the usual permissions and renames it to ``path``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates files readable by their owner only
-    os.replace(temp, path)
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        publish(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -936,14 +921,8 @@ def plot(results: dict, path: Path) -> None:
         axis.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        figure.savefig(temp, format="png", dpi=120)
-        publish(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        write_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
     finally:
         plt.close(figure)
 

@@ -43,7 +43,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -62,6 +61,7 @@ for path in (ROOT, HERE):  # ``examples.fashion_mnist`` and the fidelity helpers
 
 import dwconvert  # noqa: E402
 from dwconvert.costs import measure  # noqa: E402
+from dwconvert.files import write_atomically  # noqa: E402
 from dwconvert.latency import (  # noqa: E402
     RUNTIMES,
     RuntimeUnavailable,
@@ -76,7 +76,6 @@ from fidelity import (  # noqa: E402
     mnist_weights,
     peer_macs_per_rank,
     peer_targets,
-    publish,
     set_submodule,
     write_atomic,
 )
@@ -505,14 +504,8 @@ def plot(results: dict, path: Path) -> None:
         axis.legend(fontsize=6)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        figure.savefig(temp, format="png", dpi=110)
-        publish(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        write_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
     finally:
         plt.close(figure)
 

@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -50,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dwconvert  # noqa: E402
+from dwconvert.files import write_text  # noqa: E402
 
 SIZES = (64, 96, 128, 160, 224, 256, 299)
 EXACT = 1e-8
@@ -242,14 +241,6 @@ def sweep_one(name: str, max_params: float) -> dict[str, Any]:
     return result
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def summary(results: list[dict[str, Any]]) -> dict[str, int]:
     return {
         "tried": sum(r["status"] != "not run" for r in results),
@@ -316,13 +307,13 @@ def render(paths: list[str], out: Path, note: str = "") -> int:
                                 "reason": "not reached before the record was written"})
                for name in names]
     results += [r for name, r in found.items() if name not in names]
-    _write_atomic(out.with_suffix(".json"), json.dumps(
+    write_text(out.with_suffix(".json"), json.dumps(
         {"meta": meta, "summary": summary(results), "results": results}, indent=1))
     text = markdown(results, meta)
     if note:
         head, sep, rest = text.partition("\n\n**")
         text = f"{head}\n\n{note}{sep}{rest}"
-    _write_atomic(out.with_suffix(".md"), text)
+    write_text(out.with_suffix(".md"), text)
     print(json.dumps(summary(results)))
     return 0
 
@@ -380,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(f"{name}: {result['status']} {result.get('reason', '')} ({result['seconds']} s)",
               flush=True)
-        _write_atomic(json_path, json.dumps({"meta": meta, "summary": summary(results),
+        write_text(json_path, json.dumps({"meta": meta, "summary": summary(results),
                                              "results": results}, indent=1))
-    _write_atomic(json_path, json.dumps({"meta": meta, "summary": summary(results),
+    write_text(json_path, json.dumps({"meta": meta, "summary": summary(results),
                                          "results": results}, indent=1))
-    _write_atomic(md_path, markdown(results, meta))
+    write_text(md_path, markdown(results, meta))
     print(json.dumps(summary(results)))
     return 0 if all(r["status"] != "failed" for r in results) else 1
 
