@@ -24,7 +24,8 @@ from torch import nn
 ModuleTimer = Callable[[Mapping[str, nn.Module], Sequence[torch.Tensor]], dict[str, float]]
 
 
-def _synchronizer(tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+def synchronizer(tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """What waits for queued GPU work to finish: ``torch.cuda.synchronize`` or nothing."""
     if any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor)):
         return torch.cuda.synchronize
     return lambda: None
@@ -77,7 +78,7 @@ class MedianTimer:
         try:
             return time_interleaved(
                 {name: (lambda m=m: m(*inputs)) for name, m in modules.items()},
-                warmup=self.warmup, repeats=self.repeats, sync=_synchronizer(inputs),
+                warmup=self.warmup, repeats=self.repeats, sync=synchronizer(inputs),
                 min_seconds=self.min_seconds)
         finally:
             for name, module in modules.items():

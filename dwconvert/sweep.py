@@ -13,8 +13,6 @@ the conversions rank there, not on another target.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +24,7 @@ from torch import nn
 from .convert import convert
 from .costs import measure
 from .evaluate import evaluate
+from .latency import synchronizer, time_interleaved
 from .modes import eval_mode
 from .progress import progress
 from .ranks import BudgetError
@@ -128,17 +127,11 @@ def median_latencies(models: Sequence[nn.Module], example_inputs: tuple, *,
     The models take turns, one forward pass each per round, so that a change in
     the machine's load during the measurement touches all of them alike.
     """
-    times: list[list[float]] = [[] for _ in models]
-    with eval_mode(*models), torch.inference_mode():
-        for _ in range(warmup):
-            for model in models:
-                model(*example_inputs)
-        for _ in range(repeats):
-            for model, seen in zip(models, times):
-                start = time.perf_counter()
-                model(*example_inputs)
-                seen.append(time.perf_counter() - start)
-    return [statistics.median(seen) for seen in times]
+    calls = {index: (lambda m=m: m(*example_inputs)) for index, m in enumerate(models)}
+    with eval_mode(*models):
+        seconds = time_interleaved(calls, warmup=warmup, repeats=repeats,
+                                   sync=synchronizer(example_inputs))
+    return [seconds[index] for index in range(len(models))]
 
 
 def median_latency(model: nn.Module, example_inputs: tuple, *, repeats: int = 50,
