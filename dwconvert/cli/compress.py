@@ -8,13 +8,13 @@ import os
 
 from ..checkpoint import save
 from ..convert import BUDGET_SCOPES, OBJECTIVES, WeightsError, convert
-from ..costs import measure
 from ..data import DataSpecError, make_loader
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
 from .finetune import (
     add_training_options,
     check_resume_file,
+    cost_of,
     datasets_from,
     first_image,
     is_main_process,
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"source": str(args.input), "input_shape": list(args.input_shape),
              "report": report.to_dict()}
     if args.finetune is not None:
-        _finetune(args, model, converted, example, output, arch, extra)
+        _finetune(args, model, converted, output, arch, extra)
         if main:
             write_report(report, report_path)
         return 0
@@ -251,14 +251,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune(args, original, converted, example, output, arch, extra) -> None:
+def _finetune(args, original, converted, output, arch, extra) -> None:
     """Fine-tunes the converted model with the original as teacher; writes the best epoch."""
     train, held_out = datasets_from(args, args.finetune, args.finetune_split,
                                     args.finetune_limit, args.finetune_offset)
-    converted_cost = measure(converted, (first_image(held_out),))
+    example = first_image(held_out)
+    converted_cost = cost_of(converted, example)
     result = run_finetune(converted, original, args, train, held_out, output, arch,
                           args.arch_kwargs, extra)
     if is_main_process():
         print()
-        print_outcome(result, original, converted_cost, first_image(held_out), len(held_out))
+        print_outcome(result, original, converted_cost, example, len(held_out))
         print(f"wrote {output}")
