@@ -30,13 +30,11 @@ class Context:
         rank: index of this process, 0 .. world_size - 1.
         world_size: number of processes.
         device: the device this process trains on.
-        owns_group: the process group was initialised by this run.
     """
 
     rank: int
     world_size: int
     device: torch.device
-    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -88,16 +86,14 @@ def start(device: str | torch.device | None = None) -> Iterator[Context]:
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = resolve_device(device, local_rank, world_size)
-    owns_group = not dist.is_initialized()
-    if owns_group:
+    if not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         logger.info("joined a %s process group of %d as rank %d", backend,
                     dist.get_world_size(), dist.get_rank())
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    yield Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=chosen,
-                  owns_group=owns_group)
+    yield Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=chosen)
 
 
 def sum_across(context: Context, values: list[float]) -> list[float]:
