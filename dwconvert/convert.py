@@ -73,6 +73,7 @@ def convert(
     layout: str | None = None,
     timer: ModuleTimer | None = None,
     rank_multiple: int | None = None,
+    max_macs: float | None = None,
 ) -> nn.Module:
     """Replace the standard convs of ``model`` by depthwise + pointwise factorizations.
 
@@ -141,6 +142,12 @@ def convert(
             the layers of a chain) is a multiple of this, or below it; CPU kernels
             run such widths much faster (docs/latency.md). Default: 8 with
             ``objective="latency"``, else 1 (every rank).
+        max_macs: with ``objective="latency"``, a cap on the MACs as well: the
+            converted model keeps at most this fraction of the MACs (of the whole
+            model, or of the convertible convs with ``budget_scope="convertible"``)
+            while the time budget is spent. Alone (no ``budget`` or ``speedup``)
+            there is no time budget: the least error within the cap, from options
+            measured faster than the original conv.
 
     Returns:
         The converted model. Its ``dwconvert_report`` attribute holds a
@@ -154,7 +161,8 @@ def convert(
             below what the model can reach.
     """
     forms, rank, budget = _check_arguments(form, rank, budget, tolerance, budget_on,
-                                           budget_scope, objective, speedup, example_inputs)
+                                           budget_scope, objective, speedup, example_inputs,
+                                           max_macs)
     layout = layout or (AUTO if objective == "latency" else PLAIN)
     if rank_multiple is None:
         rank_multiple = 8 if objective == "latency" else 1
@@ -203,9 +211,10 @@ def convert(
 
     # 4. Choose a form and rank per conv.
     if objective == "latency":
+        cap = None if max_macs is None else MacsCap.of(layers, before, budget_scope, max_macs)
         choice = _choose_by_time(layers, convs, forms, rank, budget, tolerance, budget_scope,
                                  reference, example_inputs, inputs, timer, whitening, seed,
-                                 cp_size_limit, records, rank_multiple)
+                                 cp_size_limit, records, rank_multiple, cap)
     else:
         choice = _choose(layers, convs, forms, rank, budget, tolerance, budget_on,
                          budget_scope, before, params_before, whitening, seed, cp_size_limit,
@@ -220,14 +229,19 @@ def convert(
             record.requested_rank = rank
             record.full_rank = layers[name].full_rank(forms[0])
         if option.keeps_original:
-            record.reason = record.reason or _keep_reason(layers[name], forms, rank, budget_on,
-                                                          tolerance, budget)
+            record.reason = record.reason or _keep_reason(
+                layers[name], forms, rank, budget_on, tolerance,
+                budget if max_macs is None else None)
             continue
         _convert_layer(target, name, sites, conv, layers[name], option, record,
                        whitening.get(name), cp_iters=cp_iters, seed=seed)
         converted.append(name)
 
-    # 5b. Give each new module its layout; by latency, keep convs that are not beaten.
+    # 5b. Give each new module its layout; by latency, keep convs that are not beaten
+    # (unless putting the original back would break the MACs cap).
+    macs_left = None
+    if objective == "latency" and max_macs is not None:
+        macs_left = cap.room - sum(choice[name].macs for name in layers)
     for name in list(converted):
         module = target.get_submodule(name)
         if timing:
@@ -235,6 +249,13 @@ def convert(
                             layout)
             record = records[name]
             if objective == "latency" and record.time_after >= record.time_before:
+                extra = layers[name].original() - choice[name].macs
+                if macs_left is not None and extra > macs_left:
+                    logger.info("%s: not faster, but kept converted: the original would "
+                                "break max_macs", name)
+                    continue
+                if macs_left is not None:
+                    macs_left -= extra
                 _revert(target, name, sites, convs[name], record)
                 converted.remove(name)
         elif layout != PLAIN:
@@ -265,6 +286,7 @@ def convert(
     report = _report(target, sites, records, before, after, budget, params_before, notes)
     report.budget_on, report.budget_scope = budget_on, budget_scope
     report.objective, report.speedup_target = objective, speedup
+    report.max_macs = max_macs
     report.notes[:0] = fold_notes
     if timing:
         seconds = timer({"original": reference, "converted": target}, example_inputs)
@@ -366,9 +388,22 @@ def _fold(target: nn.Module) -> list[str]:
 
 
 def _check_arguments(form, rank, budget, tolerance, budget_on, budget_scope, objective="macs",
-                     speedup=None, example_inputs=None):
+                     speedup=None, example_inputs=None, max_macs=None):
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if max_macs is not None:
+        if objective != "latency":
+            raise ValueError("max_macs caps the MACs of objective='latency' (CLI: --objective "
+                             "latency --max-macs); with the MACs objective give budget instead")
+        if not isinstance(max_macs, (int, float)) or isinstance(max_macs, bool) \
+                or math.isnan(max_macs) or not 0 < max_macs <= 1:
+            raise ValueError(f"max_macs is the fraction of the MACs to keep at most and must "
+                             f"lie in (0, 1], got {max_macs!r}")
+        if rank is not None or tolerance is not None:
+            raise ValueError("max_macs caps a budget or a speedup: give it without "
+                             f"{'rank' if rank is not None else 'tolerance'}")
+        if budget is None and speedup is None and tolerance is None:
+            budget = 1.0  # no time budget: the least error within the MACs cap
     if objective == "latency" and example_inputs is None:
         raise ValueError("objective='latency' times each conv at its real input: give "
                          "example_inputs, e.g. torch.randn(1, 3, 224, 224)")
@@ -539,10 +574,29 @@ def _curves(layer: LayerCost, conv: nn.Conv2d, forms, on, budget, whitening, see
     return curves
 
 
+@dataclass(frozen=True)
+class MacsCap:
+    """``max_macs`` in MACs: the cap is ``fraction`` of ``total``; ``room`` is what it
+    leaves the convertible convs once the layers that are not converted are counted."""
+
+    fraction: float
+    total: int
+    room: float
+
+    @classmethod
+    def of(cls, layers, before: ModelCost, scope: str, fraction: float) -> MacsCap:
+        convertible = sum(layer.original() for layer in layers.values())
+        total = convertible if scope == "convertible" else before.macs
+        return cls(fraction, total, fraction * total - (total - convertible))
+
+
 def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, reference,
                     example_inputs, inputs, timer, whitening, seed, cp_size_limit, records,
-                    rank_multiple) -> dict[str, Option]:
-    """One option per conv, with measured seconds as the cost (``objective="latency"``)."""
+                    rank_multiple, cap: MacsCap | None = None) -> dict[str, Option]:
+    """One option per conv, with measured seconds as the cost (``objective="latency"``).
+
+    With ``cap``, the chosen options' MACs also stay within ``cap.room``.
+    """
     if rank is not None:  # the rank is given: time only what the layout step will check
         return _choose(layers, convs, forms, rank, None, None, "macs", scope, None, 0,
                        whitening, seed, cp_size_limit)
@@ -580,7 +634,17 @@ def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, refere
             f"of reach: the fastest options measured keep {reachable:.3f} of the time "
             f"(speedup {1 / reachable:.2f}); ask for less, or convert the model on a quieter "
             "machine", minimum=reachable)
-    return ranks.allocate(options, room)
+    if cap is None:
+        return ranks.allocate(options, room)
+    try:
+        return ranks.allocate(options, room, cap.room)
+    except ranks.BudgetError as err:  # the time room fits the fastest options: the cap failed
+        unconverted = cap.fraction * cap.total - cap.room
+        lowest = (err.minimum + unconverted) / cap.total
+        raise ranks.BudgetError(
+            f"max_macs {cap.fraction:.3g} is out of reach: the fastest options measured keep "
+            f"{lowest:.3f} of the MACs; allow more MACs (or, with budget_scope='model', "
+            "convert more layers)", minimum=lowest) from None
 
 
 def _time_converted(name, module, conv, inputs, timer, record, layout) -> None:

@@ -34,12 +34,15 @@ def synchronizer(tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
 def time_interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 3,
                      repeats: int = 20, sync: Callable[[], None] = lambda: None,
                      min_seconds: float = 0.0) -> dict[str, float]:
-    """Median seconds per call of each of ``calls``, run in turn (a, b, c, a, b, c, ...).
+    """Median seconds per call of each of ``calls``, run in turn (a, b, c, c, b, a, ...).
 
     Each call is warmed up ``warmup`` times first; then ``repeats`` rounds are
     timed, more if ``min_seconds`` of rounds have not passed yet (at most 10x).
+    Every other round runs in reverse order, so that no call always comes first
+    (after the others have evicted its weights from the cache) or always last.
     """
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    orders = (list(calls.items()), list(reversed(calls.items())))
     with torch.inference_mode():
         for call in calls.values():
             for _ in range(warmup):
@@ -49,7 +52,7 @@ def time_interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int =
         rounds = 0
         while rounds < repeats or (time.perf_counter() - start < min_seconds
                                    and rounds < 10 * repeats):
-            for name, call in calls.items():
+            for name, call in orders[rounds % 2]:
                 begin = time.perf_counter()
                 call()
                 sync()
@@ -202,12 +205,17 @@ def _onnxruntime_call(model: nn.Module, example: torch.Tensor, workdir: str | No
 
 
 def time_models(models: Mapping[str, nn.Module], example: torch.Tensor, runtime: str, *,
-                warmup: int = 3, repeats: int = 20, fold_bn: bool = True,
-                relayout: bool = True, layout_timer: ModuleTimer | None = None
-                ) -> dict[str, float]:
-    """Median seconds of each model in ``runtime``, all timed interleaved in this process."""
+                warmup: int = 3, repeats: int = 20, min_seconds: float = 0.0,
+                fold_bn: bool = True, relayout: bool = True,
+                layout_timer: ModuleTimer | None = None) -> dict[str, float]:
+    """Median seconds of each model in ``runtime``, all timed interleaved in this process.
+
+    At least ``repeats`` rounds are timed, more until ``min_seconds`` have passed
+    (see :func:`time_interleaved`).
+    """
     calls = {name: prepare(model, example, runtime, fold_bn=fold_bn, relayout=relayout,
                            timer=layout_timer)
              for name, model in models.items()}
     sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
-    return time_interleaved(calls, warmup=warmup, repeats=repeats, sync=sync)
+    return time_interleaved(calls, warmup=warmup, repeats=repeats, sync=sync,
+                            min_seconds=min_seconds)

@@ -6,10 +6,11 @@ error, or with calibration data the estimated relative output error), plus the
 option of keeping the original conv at error 0. Only Pareto-efficient options
 are kept: more cost must buy less error.
 
-* :func:`allocate` minimises the summed squared error under a total cost. It
-  starts every layer at its cheapest option, then repeatedly takes the upgrade
-  with the best error reduction per added cost that still fits; an upgrade may
-  jump several options, to another form, or back to the original conv.
+* :func:`allocate` minimises the summed squared error under a total cost (and,
+  optionally, a second cap on the total MACs when the cost is time). It starts
+  every layer at its cheapest option, then repeatedly takes the upgrade with the
+  best error reduction per added cost that still fits; an upgrade may jump
+  several options, to another form, or back to the original conv.
 * :func:`within_tolerance` takes, per layer, the cheapest option whose error is
   at most the tolerance.
 """
@@ -42,13 +43,15 @@ class BudgetError(ValueError):
 class Option:
     """One way to treat a conv: a form at a rank, or (``form=None``) keep it.
 
-    ``cost`` is in MACs or parameters, or in seconds for ``objective="latency"``.
+    ``cost`` is in MACs or parameters, or in seconds for ``objective="latency"``;
+    ``macs`` is the option's MACs whatever the cost counts (0 where not known).
     """
 
     form: str | None
     rank: int | None
     cost: float
     error: float
+    macs: float = 0.0
 
     @property
     def keeps_original(self) -> bool:
@@ -121,7 +124,7 @@ def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
     if cost is None:
         cost, original = (lambda form, rank: layer.cost(form, rank, on)), layer.original(on)
     candidates = [
-        Option(form, rank, cost(form, rank), float(error))
+        Option(form, rank, cost(form, rank), float(error), layer.cost(form, rank, "macs"))
         for form, errors in curves.items()
         for rank, error in enumerate(errors, start=1)
         if aligned(layer, form, rank, rank_multiple)
@@ -133,7 +136,7 @@ def options_for(layer: LayerCost, curves: Mapping[str, Sequence[float]],
         if option.error < best:
             options.append(option)
             best = option.error
-    options.append(Option(None, None, original, 0.0))
+    options.append(Option(None, None, original, 0.0, layer.original("macs")))
     return options
 
 
@@ -142,11 +145,17 @@ def minimum_cost(options: Mapping[str, Sequence[Option]]) -> int:
     return sum(opts[0].cost for opts in options.values())
 
 
-def allocate(options: Mapping[str, Sequence[Option]], room: float) -> dict[str, Option]:
+def allocate(options: Mapping[str, Sequence[Option]], room: float,
+             macs_room: float | None = None) -> dict[str, Option]:
     """Options minimising ``sum(error**2)`` with total cost at most ``room``.
 
+    With ``macs_room``, the options' summed ``macs`` must also stay within it: an
+    upgrade is taken only if it fits both. (Greedy, like the single budget: the
+    upgrades are still ranked by error reduction per added cost.)
+
     Raises:
-        BudgetError: when even the cheapest options cost more than ``room``.
+        BudgetError: when even the cheapest options cost more than ``room``, or
+            have more MACs than ``macs_room``.
     """
     lowest = minimum_cost(options)
     if room < lowest:
@@ -157,6 +166,13 @@ def allocate(options: Mapping[str, Sequence[Option]], room: float) -> dict[str, 
     names = list(options)
     position = {name: 0 for name in names}
     spent = lowest
+    macs_spent = sum(opts[0].macs for opts in options.values())
+    if macs_room is None:
+        macs_room = math.inf
+    if macs_spent > macs_room:
+        raise BudgetError(
+            f"the cheapest options of the convertible convs have {macs_spent:.0f} MACs, but "
+            f"the MACs cap leaves them {macs_room:.0f}", minimum=macs_spent)
 
     def best_jump(name: str, free: float) -> tuple[float, int] | None:
         opts = options[name]
@@ -164,7 +180,8 @@ def allocate(options: Mapping[str, Sequence[Option]], room: float) -> dict[str, 
         best = None
         for j in range(position[name] + 1, len(opts)):
             extra = opts[j].cost - here.cost
-            if extra > free or opts[j].error >= here.error:
+            if extra > free or opts[j].error >= here.error \
+                    or opts[j].macs - here.macs > macs_room - macs_spent:
                 continue
             gain = (here.error ** 2 - opts[j].error ** 2) / max(extra, 1)
             if best is None or gain > best[0]:
@@ -183,10 +200,18 @@ def allocate(options: Mapping[str, Sequence[Option]], room: float) -> dict[str, 
     while heap:
         _, index, j = heapq.heappop(heap)
         name = names[index]
-        extra = options[name][j].cost - options[name][position[name]].cost
-        if extra <= room - spent:
+        if j <= position[name]:  # left behind by a later upgrade of the same layer
+            continue
+        here, there = options[name][position[name]], options[name][j]
+        extra, fewer_macs = there.cost - here.cost, there.macs < here.macs
+        if extra <= room - spent and there.macs - here.macs <= macs_room - macs_spent:
             position[name] = j
             spent += extra
+            macs_spent += there.macs - here.macs
+            if fewer_macs and macs_room < math.inf:  # freed MACs: other upgrades may fit
+                for other in range(len(names)):
+                    if other != index:
+                        push(other)
         push(index)  # look again from the new position, or within the smaller room
     return {name: options[name][position[name]] for name in names}
 

@@ -94,6 +94,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     objective: str = "macs"
     speedup_target: float | None = None
+    max_macs: float | None = None
     time_before: float | None = None
     time_after: float | None = None
 
@@ -194,7 +195,8 @@ class ConversionReport:
                 f"model MACs {format_count(self.macs_before)} -> {format_count(self.macs_after)} "
                 f"({self.mac_ratio:.3f} of the original"
                 + (f"; convertible convs {conv:.3f}" if conv is not None else "")
-                + (budget if self.budget_on == "macs" else "") + ")"
+                + (budget if self.budget_on == "macs" and self.objective == "macs" else "")
+                + (f", at most {self.max_macs:.3f}" if self.max_macs is not None else "") + ")"
             )
         lines.append(
             f"parameters {format_count(self.params_before)} -> {format_count(self.params_after)} "
@@ -204,6 +206,9 @@ class ConversionReport:
         if self.speedup is not None:
             target = "" if self.speedup_target is None else \
                 f", target {self.speedup_target:.2f}x"
+            if self.objective == "latency" and self.speedup_target is None \
+                    and self.budget is not None and self.budget < 1:
+                target = f", budget {self.budget:.3f} of the time"
             lines.append(f"measured time {format_seconds(self.time_before)} -> "
                          f"{format_seconds(self.time_after)} ({self.speedup:.2f}x faster"
                          f"{target}; objective {self.objective})")

@@ -49,7 +49,7 @@ def test_bench_a_converted_checkpoint(converted_path, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
                  "--batch", "1,2", "--runtimes", "eager,onnxruntime", "--repeats", "2",
-                 "--warmup", "1", "--json", str(out_json)])
+                 "--min-seconds", "0", "--warmup", "1", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == EXIT_OK
     results = json.loads(out_json.read_text())["results"]
@@ -65,14 +65,16 @@ def test_bench_a_converted_checkpoint(converted_path, tmp_path, capsys):
         assert f"{row['speedup']:.2f}x" in out
     # The JSON is not overwritten without --force.
     code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
-                 "--runtimes", "eager", "--repeats", "1", "--json", str(out_json)])
+                 "--runtimes", "eager", "--repeats", "1", "--min-seconds", "0",
+                 "--json", str(out_json)])
     assert code == EXIT_USAGE
     assert "--force" in capsys.readouterr().err
 
 
 def test_bench_converts_when_given_only_the_original(capsys):
     code = main(["bench", str(CNN_PATH), "--arch", CNN_ARCH, "--input-shape", "1,28,28",
-                 "--budget", "0.5", "--runtimes", "eager", "--repeats", "1", "--warmup", "0"])
+                 "--budget", "0.5", "--runtimes", "eager", "--repeats", "1", "--warmup", "0",
+                 "--min-seconds", "0"])
     out = capsys.readouterr().out
     assert code == EXIT_OK
     assert "model MACs" in out and "eager" in out and "efficiency" in out
@@ -107,3 +109,43 @@ def test_speedup_needs_objective_latency(tmp_path, capsys):
                  CNN_ARCH, "--input-shape", "1,28,28", "--speedup", "1.5"])
     assert code == EXIT_USAGE
     assert "objective" in capsys.readouterr().err
+
+
+def test_bench_rejects_negative_min_seconds(converted_path, capsys):
+    code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
+                 "--min-seconds", "-1"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--min-seconds" in err and "Traceback" not in err
+
+
+def test_compress_max_macs_caps_a_latency_conversion(tmp_path, capsys):
+    output = tmp_path / "cnn-capped.safetensors"
+    code = main(["compress", str(CNN_PATH), "-o", str(output), "--arch", CNN_ARCH,
+                 "--input-shape", "1,28,28", "--objective", "latency", "--max-macs", "0.6",
+                 "--cp-iters", "10"])
+    out = capsys.readouterr().out
+    # Converting nothing is a valid outcome on a slow machine (exit 4 then, nothing written).
+    if code == EXIT_OK:
+        x = torch.randn(1, 1, 28, 28)
+        assert count_macs(dwconvert.load(output), x) <= 0.6 * count_macs(_cnn(), x)
+        assert "at most 0.600" in out
+    else:
+        assert not output.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-macs", "1.5", "--objective", "latency"], "max-macs '1.5'"),
+    (["--max-macs", "0.5"], "objective='latency'"),
+])
+def test_compress_rejects_bad_max_macs(tmp_path, capsys, args, message):
+    output = tmp_path / "x.safetensors"
+    try:
+        code = main(["compress", str(CNN_PATH), "-o", str(output), "--arch", CNN_ARCH,
+                     "--input-shape", "1,28,28", *args])
+    except SystemExit as err:
+        code = err.code
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not output.exists()

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import closed_form_macs, original_macs
+from conftest import closed_form_macs, count_macs, original_macs
 from torch import nn
 
 import dwconvert
@@ -171,6 +171,67 @@ def test_latency_arguments_are_checked():
         dwconvert.convert(Net(), objective="flops", example_inputs=example())
 
 
+def test_max_macs_caps_the_macs_of_a_latency_conversion():
+    # Time is proportional to MACs here, so the time budget alone (1/1.2 of the time)
+    # would keep far more MACs than the cap allows.
+    net, x = Net().eval(), example()
+    total = count_macs(net, x)
+    free = dwconvert.convert(net, objective="latency", speedup=1.2, example_inputs=x,
+                             timer=FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}),
+                             cp_iters=10)
+    assert count_macs(free, x) > 0.4 * total, "the cap below must bind"
+    capped = dwconvert.convert(net, objective="latency", speedup=1.2, max_macs=0.4,
+                               example_inputs=x,
+                               timer=FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}),
+                               cp_iters=10)
+    assert count_macs(capped, x) <= 0.4 * total
+    report = capped.dwconvert_report
+    assert report.max_macs == 0.4 and "at most 0.400" in report.summary()
+    assert report.speedup >= 1.2 * (1 - 1e-9)
+
+
+def test_max_macs_alone_needs_no_time_budget():
+    net, x = Net().eval(), example()
+    capped = dwconvert.convert(net, objective="latency", max_macs=0.5, example_inputs=x,
+                               timer=FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}),
+                               cp_iters=10)
+    assert capped.dwconvert_report.converted
+    assert count_macs(capped, x) <= 0.5 * count_macs(net, x)
+
+
+def test_max_macs_keeps_a_slower_layer_rather_than_break_the_cap():
+    # Every converted module measures slower in the final check; putting the originals
+    # back would exceed the cap, so the layers stay converted.
+    net, x = Net().eval(), example()
+    capped = dwconvert.convert(net, objective="latency", speedup=1.5, max_macs=0.5,
+                               example_inputs=x, cp_iters=10,
+                               timer=FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0},
+                                               layout_stage_slowdown=100.0))
+    assert capped.dwconvert_report.converted
+    assert count_macs(capped, x) <= 0.5 * count_macs(net, x)
+
+
+def test_unreachable_max_macs_names_the_reachable_fraction():
+    net, x = Net().eval(), example()
+    with pytest.raises(dwconvert.BudgetError, match="max_macs 0.001 is out of reach") as err:
+        dwconvert.convert(net, objective="latency", max_macs=0.001, example_inputs=x,
+                          timer=FakeTimer({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}),
+                          cp_iters=10)
+    assert 0.001 < err.value.minimum < 1
+
+
+def test_max_macs_arguments_are_checked():
+    x = example()
+    with pytest.raises(ValueError, match="objective='latency'"):
+        dwconvert.convert(Net(), max_macs=0.5, example_inputs=x)
+    for bad in (0, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"max_macs .* \(0, 1\]"):
+            dwconvert.convert(Net(), objective="latency", max_macs=bad, example_inputs=x)
+    with pytest.raises(ValueError, match="without rank"):
+        dwconvert.convert(Net(), objective="latency", form="cp", rank=2, max_macs=0.5,
+                          example_inputs=x)
+
+
 def test_interpolated_times_are_exact_for_linear_costs():
     assert timed_ranks([1]) == [1]
     assert timed_ranks(list(range(1, 101))) == [1, 51, 100]
@@ -192,8 +253,8 @@ def test_real_timer_runs_interleaved_and_returns_medians():
     assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
     order = []
     time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                     warmup=0, repeats=2)
-    assert order == ["a", "b", "a", "b"]
+                     warmup=0, repeats=3)
+    assert order == ["a", "b", "b", "a", "a", "b"]
 
 
 def test_capture_inputs_sees_each_layer_input():

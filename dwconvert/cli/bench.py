@@ -85,7 +85,11 @@ def add_parser(subparsers) -> None:
                         help="device of the PyTorch runtimes (default: cpu)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     parser.add_argument("--repeats", type=int, default=20,
-                        help="timed calls per model; the median is reported (default 20)")
+                        help="timed calls per model at least; the median is reported "
+                             "(default 20)")
+    parser.add_argument("--min-seconds", type=float, default=1.0, metavar="S",
+                        help="keep timing (up to 10x --repeats calls) until S seconds have "
+                             "passed, which steadies small models (default 1)")
     parser.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="fold BatchNorm layers into the conv before them in the PyTorch "
                              "runtimes, in both models (default: on; --no-fold-bn keeps them)")
@@ -122,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise CLIError(f"--threads {args.threads} should be at least 1", EXIT_USAGE)
         torch.set_num_threads(args.threads)
-    if args.repeats < 1 or args.warmup < 0:
-        raise CLIError("--repeats should be at least 1 and --warmup at least 0", EXIT_USAGE)
+    if args.repeats < 1 or args.warmup < 0 or args.min_seconds < 0:
+        raise CLIError("--repeats should be at least 1, --warmup and --min-seconds at least 0",
+                       EXIT_USAGE)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here", EXIT_USAGE)
     output = check_output_path(args.json, [args.original], args.force) if args.json else None
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 seconds = time_models({"original": original, "converted": converted}, x,
                                       runtime, warmup=args.warmup, repeats=args.repeats,
-                                      fold_bn=args.fold_bn)
+                                      min_seconds=args.min_seconds, fold_bn=args.fold_bn)
             except RuntimeUnavailable as err:
                 logger.warning("skipping %s: %s", runtime, err)
                 continue
@@ -157,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
                             "mac_reduction": reduction, "efficiency": speedup / reduction})
     print(tabulate(rows, headers=["runtime", "batch", "original", "converted", "speedup",
                                   "MAC reduction", "efficiency"], disable_numparse=True))
-    print(f"\n{torch.get_num_threads()} thread(s), {args.device}; medians of {args.repeats} "
-          f"interleaved calls after {args.warmup} warm-up calls each")
+    print(f"\n{torch.get_num_threads()} thread(s), {args.device}; medians of at least "
+          f"{args.repeats} interleaved calls (and {args.min_seconds:g} s) after {args.warmup} "
+          "warm-up calls each")
     if output is not None:
         write_text(output, json.dumps({"threads": torch.get_num_threads(),
                                        "results": results}, indent=2) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +44,24 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
         super().__init__(message)
         self.code = code
+
+
+def number_parser(convert: Callable[[str], float], accept: Callable[[float], bool],
+                  message: str) -> Callable[[str], float]:
+    """An argparse ``type``: ``convert(text)``, refused with ``message`` unless ``accept``.
+
+    ``message`` names the value as ``{text}`` (quoted), e.g.
+    ``"budget {text} must lie in (0, 1]"``.
+    """
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(message.format(text=repr(text)))
+        return value
+    return parse
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 
 from ..checkpoint import save
@@ -36,6 +37,7 @@ from .common import (
     check_output_path,
     check_report_path,
     load_original,
+    number_parser,
     parse_input_shape,
     write_report,
 )
@@ -54,28 +56,22 @@ EXAMPLE = """examples:
 """
 
 
-def parse_rank(text: str):
-    if text == "full":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"rank {text!r} should be a positive int or 'full'")
-    return value
+parse_budget = number_parser(
+    float, lambda v: 0 < v <= 1,
+    "budget {text} is the fraction of MACs to keep and must lie in (0, 1], e.g. 0.25")
+parse_max_macs = number_parser(
+    float, lambda v: 0 < v <= 1,
+    "max-macs {text} is the fraction of MACs to keep at most and must lie in (0, 1], e.g. 0.33")
+parse_speedup = number_parser(float, lambda v: 1 <= v < math.inf,
+                              "speedup {text} should be a number >= 1, e.g. 1.5")
+parse_tolerance = number_parser(float, lambda v: v > 0,
+                                "tolerance {text} should be a relative error > 0")
+_positive_rank = number_parser(int, lambda v: v >= 1,
+                               "rank {text} should be a positive int or 'full'")
 
 
-def parse_budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(
-            f"budget {text!r} is the fraction of MACs to keep and must lie in (0, 1], e.g. 0.25"
-        )
-    return value
+def parse_rank(text: str) -> int | str:
+    return text if text == "full" else _positive_rank(text)
 
 
 def add_parser(subparsers) -> None:
@@ -111,6 +107,9 @@ def add_parser(subparsers) -> None:
                         help="what --budget counts: MACs (or --budget-on params), or the "
                              "time measured on this machine at --input-shape, with the "
                              "current torch threads (default: macs)")
+    parser.add_argument("--max-macs", type=parse_max_macs, default=None, metavar="FRACTION",
+                        help="with --objective latency: keep at most this fraction of the "
+                             "MACs too (of the model, or see --budget-scope)")
     parser.add_argument("--rank-multiple", type=int, default=None, metavar="N",
                         help="only ranks whose inner channel count is a multiple of N "
                              "(default: 8 with --objective latency, else 1)")
@@ -157,26 +156,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_speedup(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 1 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"speedup {text!r} should be a number >= 1, e.g. 1.5")
-    return value
-
-
-def parse_tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"tolerance {text!r} should be a relative error > 0")
-    return value
-
-
 def calibration_loader(args):
     if args.calib is None:
         return None
@@ -217,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                             exclude=args.exclude,
                             cp_iters=args.cp_iters, objective=args.objective,
                             speedup=args.speedup, layout=args.layout,
-                            rank_multiple=args.rank_multiple)
+                            rank_multiple=args.rank_multiple, max_macs=args.max_macs)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
     except WeightsError as err:

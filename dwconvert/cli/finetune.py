@@ -31,6 +31,7 @@ from .common import (
     add_arch_options,
     check_output_path,
     load_original,
+    number_parser,
     parse_floats,
 )
 
@@ -51,34 +52,15 @@ SINGLE_SPLIT_SPECS = ("mnist5k", "imagefolder")
 _CONFIG_OPTIONS = {f.name for f in fields(FinetuneConfig)} - {"amp"}
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} should be a whole number of at least 1")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} should be a whole number of at least 0")
-    return value
+positive_int = number_parser(int, lambda v: v >= 1, "{text} should be a whole number of at "
+                             "least 1")
+non_negative_int = number_parser(int, lambda v: v >= 0, "{text} should be a whole number of "
+                                 "at least 0")
+_norm = number_parser(float, lambda v: v >= 0, "{text} should be a norm >= 0 (0: no clipping)")
 
 
 def _clip_norm(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} should be a norm >= 0 (0: no clipping)")
-    return value or None
+    return _norm(text) or None
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
