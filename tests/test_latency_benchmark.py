@@ -1,0 +1,84 @@
+"""The latency benchmark's target checks (benchmarks/latency.py), on made-up timings.
+
+Each expected verdict follows from the numbers written here, so the checks that
+decide what docs/benchmarks/latency.md calls met are themselves tested.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("latency_benchmark",
+                                                      ROOT / "benchmarks/latency.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def results(macs: dict[str, float], seconds: dict[str, float], total: float = 300.0) -> dict:
+    variants = [{"method": label.split(" @ ")[0], "label": label, "macs": value}
+                for label, value in macs.items()]
+    timing = {"device": "cpu", "runtime": "eager", "batch": 1,
+              "seconds": {"original": 30.0, **seconds}, "skipped": {}}
+    onnx = {**timing, "runtime": "onnxruntime"}
+    return {"meta": {"budgets": [1 / 3]},
+            "models": {"resnet18": {"macs": total, "variants": variants,
+                                    "timings": [timing, onnx]}}}
+
+
+def by_target(targets: list[dict]) -> dict[str, dict]:
+    return {t["target"]: t for t in targets}
+
+
+def test_resnet_targets_read_the_macs_row_and_any_row_within_a_third(bench):
+    # MACs row: 30/20 = 1.5x; latency row: 30/15 = 2.0x at 95 <= 100 MACs.
+    targets = by_target(bench.check_targets(results(
+        {"dwconvert @ 1/3": 80, "dwconvert-latency @ 1/3": 95, "tltorch-cp @ 1/3": 99},
+        {"dwconvert @ 1/3": 20.0, "dwconvert-latency @ 1/3": 15.0, "tltorch-cp @ 1/3": 40.0})))
+    macs_row = targets["resnet18, budget 1/3, batch 1, eager: >= 1.6x (MACs objective)"]
+    assert macs_row["measured"] == pytest.approx(1.5) and not macs_row["met"]
+    within = targets["resnet18, any dwconvert row keeping at most 1/3 of the MACs, batch 1, "
+                     "eager: >= 1.6x"]
+    assert within["measured"] == "2.00x (dwconvert-latency @ 1/3)" and within["met"]
+
+
+def test_a_row_over_a_third_of_the_macs_does_not_count_as_within(bench):
+    targets = by_target(bench.check_targets(results(
+        {"dwconvert @ 1/3": 80, "dwconvert-latency @ 1/3": 120},
+        {"dwconvert @ 1/3": 20.0, "dwconvert-latency @ 1/3": 10.0})))
+    within = targets["resnet18, any dwconvert row keeping at most 1/3 of the MACs, batch 1, "
+                     "onnxruntime: >= 1.8x"]
+    assert within["measured"] == "1.50x (dwconvert @ 1/3)" and not within["met"]
+
+
+def test_peer_is_compared_only_with_rows_of_no_more_macs(bench):
+    # The fast latency row has more MACs than the peer, so only the MACs row counts
+    # (97 is within the 2% allowance of 96), and it is slower than the peer.
+    targets = bench.check_targets(results(
+        {"dwconvert @ 1/3": 97, "dwconvert-latency @ 1/3": 150, "tltorch-cp @ 1/3": 96},
+        {"dwconvert @ 1/3": 25.0, "dwconvert-latency @ 1/3": 10.0, "tltorch-cp @ 1/3": 24.0}))
+    peer = next(t for t in targets if t["target"].startswith("faster than tltorch-cp"))
+    assert not peer["met"] and peer["measured"].startswith("0 of 2 settings ahead")
+
+
+def test_an_unconverted_latency_row_is_named_as_the_original_against_itself(bench):
+    targets = bench.check_targets(results(
+        {"dwconvert @ 1/3": 80, "dwconvert-latency @ 1/3": 300},
+        {"dwconvert @ 1/3": 20.0, "dwconvert-latency @ 1/3": 31.0}))
+    never = next(t for t in targets if t["target"].startswith("objective=latency never"))
+    # 31 > 30 * 1.02: slower beyond the noise allowance, in both runtimes.
+    assert not never["met"] and never["measured"].startswith("0 of 2 not slower")
+    assert "nothing converted" in never["measured"]
