@@ -643,8 +643,9 @@ def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, refere
         lowest = (err.minimum + unconverted) / cap.total
         raise ranks.BudgetError(
             f"max_macs {cap.fraction:.3g} is out of reach: the fastest options measured keep "
-            f"{lowest:.3f} of the MACs; allow more MACs (or, with budget_scope='model', "
-            "convert more layers)", minimum=lowest) from None
+            f"{lowest:.3f} of the MACs (convs with no option measured faster stay whole, "
+            "and layers that are not converted keep theirs); allow more MACs",
+            minimum=lowest) from None
 
 
 def _time_converted(name, module, conv, inputs, timer, record, layout) -> None:

@@ -45,9 +45,11 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None =
         scale = 100 if field == "top1" else 1
         xs = [p.macs / 1e6 for p in result.points]
         ys = [scale * getattr(p, field) for p in result.points]
-        ax.scatter(xs[1:], ys[1:], color="tab:blue", zorder=3, label="converted")
-        ax.scatter(xs[:1], ys[:1], marker="*", s=200, color="tab:red", zorder=4,
+        # Rings over the star, so that a conversion that kept everything stays visible.
+        ax.scatter(xs[:1], ys[:1], marker="*", s=200, color="tab:red", zorder=3,
                    label="original")
+        ax.scatter(xs[1:], ys[1:], facecolors="none", edgecolors="tab:blue", linewidths=1.5,
+                   zorder=4, label="converted")
         for p, x, y in zip(result.points, xs, ys):
             # A conversion that kept everything sits on the original: label it below.
             below = p.budget is not None and (x, y) == (xs[0], ys[0])
@@ -57,6 +59,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None =
         on = sorted((x, y) for p, x, y in zip(result.points, xs, ys) if getattr(p, front))
         ax.plot([x for x, _ in on], [y for _, y in on], color="tab:green", linestyle="--",
                 zorder=2, label="Pareto front")
+        ax.margins(x=0.15, y=0.1)  # room for the labels right of the last points
         ax.set_xlabel("MACs per image (millions)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
