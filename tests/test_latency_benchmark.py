@@ -33,7 +33,7 @@ def results(macs: dict[str, float], seconds: dict[str, float], total: float = 30
                 for label, value in macs.items()]
     timing = {"device": "cpu", "runtime": "eager", "batch": 1,
               "seconds": {"original": 30.0, **seconds}, "skipped": {}}
-    onnx = {**timing, "runtime": "onnxruntime"}
+    onnx = {**timing, "runtime": "onnxruntime", "seconds": dict(timing["seconds"])}
     return {"meta": {"budgets": [1 / 3]},
             "models": {"resnet18": {"macs": total, "variants": variants,
                                     "timings": [timing, onnx]}}}
@@ -82,3 +82,17 @@ def test_an_unconverted_latency_row_is_named_as_the_original_against_itself(benc
     # 31 > 30 * 1.02: slower beyond the noise allowance, in both runtimes.
     assert not never["met"] and never["measured"].startswith("0 of 2 not slower")
     assert "nothing converted" in never["measured"]
+
+
+def test_slower_means_beyond_the_noise_of_the_original_against_its_copy(bench):
+    data = results({"dwconvert @ 1/3": 80, "dwconvert-latency @ 1/3": 90},
+                   {"dwconvert @ 1/3": 20.0, "dwconvert-latency @ 1/3": 32.0})
+    eager, onnx = data["models"]["resnet18"]["timings"]
+    eager["seconds"][bench.AGAIN] = 33.0  # identical models 10% apart: 32 is within it
+    onnx["seconds"].update({bench.AGAIN: 30.3, "dwconvert-latency @ 1/3": 36.0})
+    never = next(t for t in bench.check_targets(data)
+                 if t["target"].startswith("objective=latency never"))
+    # The floor is the largest A/A gap, 30/33 - 1 = -9.1% -> 9.1%; 36 > 30 * 1.091.
+    assert "resnet18 9%" in never["target"]
+    assert never["measured"].startswith("1 of 2 not slower")
+    assert "onnxruntime b1 dwconvert-latency @ 1/3 0.83x" in never["measured"]
