@@ -281,15 +281,21 @@ def convert(
             module = target.get_submodule(name)
             module.set_layout(module.layout)
 
-    # 7. Measure again and report.
+    # 7. Time the whole model; by latency, undo a conversion that is slower as a whole
+    # (per-layer gains that do not add up, as on small models). Then measure and report.
+    seconds = None
+    if timing:
+        seconds = timer({"original": reference, "converted": target}, example_inputs)
+    if objective == "latency" and converted and seconds["converted"] >= seconds["original"]:
+        seconds = _undo_if_slower(target, reference, example_inputs, sites, convs, records,
+                                  converted, timer, max_macs, notes)
     after = measure(target, example_inputs) if example_inputs is not None else None
     report = _report(target, sites, records, before, after, budget, params_before, notes)
     report.budget_on, report.budget_scope = budget_on, budget_scope
     report.objective, report.speedup_target = objective, speedup
     report.max_macs = max_macs
     report.notes[:0] = fold_notes
-    if timing:
-        seconds = timer({"original": reference, "converted": target}, example_inputs)
+    if seconds is not None:
         report.time_before, report.time_after = seconds["original"], seconds["converted"]
     for record in report.layers:
         if record.time_rose:
@@ -663,6 +669,34 @@ def _time_converted(name, module, conv, inputs, timer, record, layout) -> None:
     record.time_before, record.time_after = seconds["original"], seconds[best]
     logger.info("%s: layout %s, %s -> %s", name, best, format_seconds(record.time_before),
                 format_seconds(record.time_after))
+
+
+def _undo_if_slower(target, reference, example_inputs, sites, convs, records, converted,
+                    timer, max_macs, notes) -> dict[str, float]:
+    """Time the whole model again; if it is still not faster, put every original conv back.
+
+    With ``max_macs`` the conversion stays (the cap is a hard limit) and a note says so.
+    Returns the seconds of the final measurement.
+    """
+    seconds = timer({"original": reference, "converted": target}, example_inputs)
+    if seconds["converted"] < seconds["original"]:
+        return seconds
+    timing = (f"{format_seconds(seconds['original'])} -> "
+              f"{format_seconds(seconds['converted'])}, measured twice")
+    if max_macs is not None:
+        notes.append(f"warning: the converted model is not faster than the original as a "
+                     f"whole ({timing}); it is kept because max_macs={max_macs:g} asks for "
+                     "fewer MACs")
+        return seconds
+    for name in list(converted):
+        _revert(target, name, sites, convs[name], records[name])
+        records[name].reason = ("kept: the converted model as a whole was not faster than "
+                                f"the original ({timing})")
+        converted.remove(name)
+    notes.append(f"every conv put back: the converted model as a whole was not faster than "
+                 f"the original ({timing}); per-layer gains did not add up")
+    logger.warning(notes[-1])
+    return timer({"original": reference, "converted": target}, example_inputs)
 
 
 def _revert(target, name, sites, conv, record) -> None:

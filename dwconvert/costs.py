@@ -8,6 +8,8 @@ layer counts.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -97,6 +99,24 @@ def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     return per_image * module.in_features
 
 
+@contextlib.contextmanager
+def _plain_layouts(model: nn.Module):
+    """Factorized modules run their plain chain of convs meanwhile, so that hooks see it.
+
+    The other layouts call ``torch.matmul`` or ``F.conv2d`` directly (same numbers,
+    same work), which module hooks would miss.
+    """
+    layouts = {m: m.layout for m in model.modules()
+               if hasattr(m, "set_layout") and getattr(m, "layout", "plain") != "plain"}
+    for module in layouts:
+        module.set_layout("plain")
+    try:
+        yield
+    finally:
+        for module, layout in layouts.items():
+            module.set_layout(layout)
+
+
 def measure(model: nn.Module, example_inputs: tuple) -> ModelCost:
     """Run ``model`` once on ``example_inputs`` and count MACs per image.
 
@@ -120,7 +140,7 @@ def measure(model: nn.Module, example_inputs: tuple) -> ModelCost:
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), _plain_layouts(model), torch.no_grad():
             model(*example_inputs)
     finally:
         for h in handles:

@@ -157,15 +157,22 @@ def allocate(options: Mapping[str, Sequence[Option]], room: float,
         BudgetError: when even the cheapest options cost more than ``room``, or
             have more MACs than ``macs_room``.
     """
+    if math.isnan(room) or (macs_room is not None and math.isnan(macs_room)):
+        raise ValueError(f"the room to allocate must be a number, got {room} and {macs_room}")
+    for name, opts in options.items():
+        if not opts or not all(math.isfinite(o.cost) and math.isfinite(o.macs) for o in opts):
+            raise ValueError(f"{name}: every layer needs options with finite costs, got {opts}")
     lowest = minimum_cost(options)
     if room < lowest:
         raise BudgetError(
             f"the convertible convs cannot cost less than {lowest}, but the budget leaves "
-            f"them {int(room)}"
+            f"them {room:.6g}"
         )
     names = list(options)
     position = {name: 0 for name in names}
     spent = lowest
+    # Sums of float seconds round: a cost that fits to 1e-9 of the room fits.
+    slack = 1e-9 * abs(room)
     macs_spent = sum(opts[0].macs for opts in options.values())
     if macs_room is None:
         macs_room = math.inf
@@ -180,10 +187,13 @@ def allocate(options: Mapping[str, Sequence[Option]], room: float,
         best = None
         for j in range(position[name] + 1, len(opts)):
             extra = opts[j].cost - here.cost
-            if extra > free or opts[j].error >= here.error \
+            if extra > free + slack or opts[j].error >= here.error \
                     or opts[j].macs - here.macs > macs_room - macs_spent:
                 continue
-            gain = (here.error ** 2 - opts[j].error ** 2) / max(extra, 1)
+            # Error saved per unit of cost, in whatever unit (MACs, seconds); a free
+            # upgrade comes first.
+            saved = here.error ** 2 - opts[j].error ** 2
+            gain = saved / extra if extra > 0 else math.inf
             if best is None or gain > best[0]:
                 best = (gain, j)
         return best
@@ -204,7 +214,7 @@ def allocate(options: Mapping[str, Sequence[Option]], room: float,
             continue
         here, there = options[name][position[name]], options[name][j]
         extra, fewer_macs = there.cost - here.cost, there.macs < here.macs
-        if extra <= room - spent and there.macs - here.macs <= macs_room - macs_spent:
+        if extra <= room - spent + slack and there.macs - here.macs <= macs_room - macs_spent:
             position[name] = j
             spent += extra
             macs_spent += there.macs - here.macs

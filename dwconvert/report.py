@@ -209,8 +209,10 @@ class ConversionReport:
             if self.objective == "latency" and self.speedup_target is None \
                     and self.budget is not None and self.budget < 1:
                 target = f", budget {self.budget:.3f} of the time"
+            pace = f"{self.speedup:.2f}x faster" if self.speedup >= 1 else \
+                f"{1 / self.speedup:.2f}x slower"
             lines.append(f"measured time {format_seconds(self.time_before)} -> "
-                         f"{format_seconds(self.time_after)} ({self.speedup:.2f}x faster"
+                         f"{format_seconds(self.time_after)} ({pace}"
                          f"{target}; objective {self.objective})")
         lines.extend(self.notes)
         return "\n".join(lines)

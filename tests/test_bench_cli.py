@@ -111,12 +111,25 @@ def test_speedup_needs_objective_latency(tmp_path, capsys):
     assert "objective" in capsys.readouterr().err
 
 
-def test_bench_rejects_negative_min_seconds(converted_path, capsys):
-    code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
-                 "--min-seconds", "-1"])
-    assert code == EXIT_USAGE
+@pytest.mark.parametrize("args", [["--min-seconds", "-1"], ["--min-seconds", "nan"],
+                                  ["--threads", "0"], ["--threads", "99999999999999999999"]])
+def test_bench_rejects_bad_timing_options(converted_path, capsys, args):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28", *args])
+    assert exit_.value.code == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "--min-seconds" in err and "Traceback" not in err
+    assert args[0] in err and repr(args[1]) in err and "Traceback" not in err
+
+
+def test_bench_keeps_the_global_threads(converted_path, capsys):
+    torch.set_num_threads(2)
+    try:
+        code = main(["--threads", "1", "bench", str(CNN_PATH), str(converted_path),
+                     "--input-shape", "1,28,28", "--runtimes", "eager", "--repeats", "1",
+                     "--warmup", "0", "--min-seconds", "0"])
+        assert code == EXIT_OK and "\n1 thread(s)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_compress_max_macs_caps_a_latency_conversion(tmp_path, capsys):
@@ -149,3 +162,11 @@ def test_compress_rejects_bad_max_macs(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not output.exists()
+
+
+def test_bench_json_never_replaces_the_converted_input(converted_path, capsys):
+    before = converted_path.read_bytes()
+    code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
+                 "--json", str(converted_path), "--force"])
+    assert code == EXIT_USAGE and "input" in capsys.readouterr().err
+    assert converted_path.read_bytes() == before

@@ -126,6 +126,40 @@ def test_replacement_slower_in_the_final_check_is_reverted():
         torch.testing.assert_close(small(x), Net().eval()(x))
 
 
+class SlowWholeModel(FakeTimer):
+    """Layers time as FakeTimer says, but the converted model as a whole is 10% slower."""
+
+    def __call__(self, modules, inputs):
+        seconds = super().__call__(modules, inputs)
+        if set(modules) == {"original", "converted"}:
+            seconds["converted"] = seconds["original"] * 1.1
+        return seconds
+
+
+def test_a_conversion_slower_as_a_whole_is_undone():
+    net, x = Net().eval(), example()
+    small = dwconvert.convert(net, objective="latency", speedup=1.2, example_inputs=x,
+                              timer=SlowWholeModel({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}),
+                              cp_iters=10)
+    report = small.dwconvert_report
+    assert not report.converted
+    assert any("every conv put back" in n for n in report.notes)
+    assert any("as a whole was not faster" in r.reason for r in report.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x))
+
+
+def test_a_capped_conversion_slower_as_a_whole_stays_with_a_warning():
+    net, x = Net().eval(), example()
+    small = dwconvert.convert(net, objective="latency", max_macs=0.5, example_inputs=x,
+                              timer=SlowWholeModel({"dw-pw": 1.0, "pw-dw": 1.0, "cp": 1.0}),
+                              cp_iters=10)
+    report = small.dwconvert_report
+    assert report.converted and count_macs(small, x) <= 0.5 * count_macs(net, x)
+    assert any(n.startswith("warning: the converted model is not faster") for n in report.notes)
+    assert "1.10x slower" in report.summary()
+
+
 def test_unreachable_speedup_names_the_reachable_one():
     timer = FakeTimer({"dw-pw": 50.0, "pw-dw": 1.0, "cp": 1.0})
     with pytest.raises(dwconvert.BudgetError, match="out of reach") as err:
@@ -169,6 +203,19 @@ def test_latency_arguments_are_checked():
                           example_inputs=example())
     with pytest.raises(ValueError, match="objective must be"):
         dwconvert.convert(Net(), objective="flops", example_inputs=example())
+
+
+@pytest.mark.parametrize("layout", ["matmul", "channels_last", "matmul+repeat"])
+def test_reported_macs_do_not_depend_on_the_layout(layout):
+    # matmul and repeat bypass nn.Conv2d; the count must still be that of the chain.
+    net, x = Net().eval(), example()
+    small = dwconvert.convert(net, form="dw-pw", rank=2, layout=layout, example_inputs=x)
+    plain = dwconvert.convert(net, form="dw-pw", rank=2, example_inputs=x)
+    expected = sum(closed_form_macs("dw-pw", conv, 2, hw_in, hw_out)
+                   for conv, hw_in, hw_out in ((net.conv1, 144, 144), (net.conv2, 144, 144),
+                                               (net.conv3, 144, 36)))
+    assert small.dwconvert_report.macs_after == expected == plain.dwconvert_report.macs_after
+    assert all(small.get_submodule(n).layout == layout for n in ("conv1", "conv2", "conv3"))
 
 
 def test_max_macs_caps_the_macs_of_a_latency_conversion():

@@ -64,3 +64,28 @@ def test_random_allocations_fit_both_rooms_and_no_upgrade_is_left(seed):
                 fits = (cost - here.cost + other.cost <= room + 1e-9
                         and macs - here.macs + other.macs <= macs_room + 1e-9)
                 assert not fits, f"{name}: a better option still fits both rooms"
+
+
+def test_the_choice_does_not_depend_on_the_unit_of_cost():
+    # Seconds are far below 1: the error saved must still be divided by them.
+    for scale in (1.0, 1e-3, 1e-9):
+        options = {"a": [option(1 * scale, 1.0, 0), keep(2 * scale, 0)],
+                   "c": [option(1 * scale, 1.0, 0), keep(2 * scale, 0)],
+                   "b": [option(1 * scale, 1.1, 0), keep(3 * scale, 0)]}
+        chosen = allocate(options, room=5 * scale)
+        # Restoring a and c (2 units, 2.0 error^2 saved) beats restoring b (2 units, 1.21).
+        assert chosen["a"].keeps_original and chosen["c"].keeps_original, scale
+        assert not chosen["b"].keeps_original, scale
+
+
+@pytest.mark.parametrize("room, macs_room, cost", [
+    (float("nan"), None, 1.0), (5.0, float("nan"), 1.0), (5.0, None, float("nan")),
+    (float("inf"), None, float("inf"))])
+def test_nan_and_infinite_inputs_are_refused(room, macs_room, cost):
+    with pytest.raises(ValueError):
+        allocate({"a": [option(cost, 0.5, 1.0), keep(10.0, 2.0)]}, room, macs_room)
+
+
+def test_a_layer_without_options_is_refused():
+    with pytest.raises(ValueError, match="finite costs"):
+        allocate({"a": []}, 5.0)

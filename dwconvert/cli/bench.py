@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 
 import torch
@@ -23,7 +24,9 @@ from .common import (
     check_input_shape,
     check_output_path,
     load_original,
+    number_parser,
     parse_input_shape,
+    thread_count,
 )
 from .compare import _load_pair
 from .compress import parse_budget
@@ -79,15 +82,17 @@ def add_parser(subparsers) -> None:
                         help="batch sizes to time (default: 1)")
     parser.add_argument("--runtimes", type=_runtimes, default=list(RUNTIMES),
                         metavar="R[,R...]", help=f"of {', '.join(RUNTIMES)} (default: all)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch and ONNX Runtime intra-op threads (default: torch's)")
+    # SUPPRESS: without the option here, the global ``dwconvert --threads N`` stands.
+    parser.add_argument("--threads", type=thread_count, default=argparse.SUPPRESS,
+                        help="torch and ONNX Runtime intra-op threads (default: the global "
+                             "--threads, else torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of the PyTorch runtimes (default: cpu)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     parser.add_argument("--repeats", type=int, default=20,
                         help="timed calls per model at least; the median is reported "
                              "(default 20)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, metavar="S",
+    parser.add_argument("--min-seconds", type=seconds, default=1.0, metavar="S",
                         help="keep timing (up to 10x --repeats calls) until S seconds have "
                              "passed, which steadies small models (default 1)")
     parser.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -101,6 +106,10 @@ def add_parser(subparsers) -> None:
                         help="also write the results as JSON")
     parser.add_argument("--force", action="store_true", help="replace the JSON file if it exists")
     parser.set_defaults(run=run)
+
+
+seconds = number_parser(float, lambda v: 0 <= v < math.inf,
+                        "{text} should be a number of seconds >= 0")
 
 
 def _models(args, example: torch.Tensor):
@@ -123,15 +132,14 @@ def _models(args, example: torch.Tensor):
 
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads {args.threads} should be at least 1", EXIT_USAGE)
         torch.set_num_threads(args.threads)
-    if args.repeats < 1 or args.warmup < 0 or args.min_seconds < 0:
-        raise CLIError("--repeats should be at least 1, --warmup and --min-seconds at least 0",
-                       EXIT_USAGE)
+    if args.repeats < 1 or args.warmup < 0:
+        raise CLIError(f"--repeats {args.repeats} should be at least 1 and --warmup "
+                       f"{args.warmup} at least 0", EXIT_USAGE)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here", EXIT_USAGE)
-    output = check_output_path(args.json, [args.original], args.force) if args.json else None
+    inputs = [p for p in (args.original, args.converted) if p is not None]
+    output = check_output_path(args.json, inputs, args.force) if args.json else None
     example = torch.randn(1, *args.input_shape[1:])
     try:
         original, converted = _models(args, example)

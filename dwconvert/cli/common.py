@@ -64,6 +64,10 @@ def number_parser(convert: Callable[[str], float], accept: Callable[[float], boo
     return parse
 
 
+thread_count = number_parser(int, lambda v: 1 <= v <= 4096,
+                             "{text} should be a whole number from 1 to 4096")
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """``"1,28,28"`` or ``"1x3x224x224"`` -> a batch shape with batch size 1 if omitted."""
     try:

@@ -50,8 +50,8 @@ EXAMPLE = """examples:
   dwconvert compress model.pth -o model-dw.safetensors \\
       --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \\
       --calib mnist5k --calib-samples 512 --report model-dw.md
-  dwconvert compress model.pth -o model-dw.safetensors \
-      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \
+  dwconvert compress model.pth -o model-dw.safetensors \\
+      --arch digit_recognizer.model:CNN --input-shape 1,28,28 --budget 0.125 \\
       --finetune mnist5k --finetune-limit 4000 --val-offset 4000 --epochs 1 --lr 0.01
 """
 

@@ -56,6 +56,7 @@ positive_int = number_parser(int, lambda v: v >= 1, "{text} should be a whole nu
                              "least 1")
 non_negative_int = number_parser(int, lambda v: v >= 0, "{text} should be a whole number of "
                                  "at least 0")
+finite_float = number_parser(float, math.isfinite, "{text} should be a finite number")
 _norm = number_parser(float, lambda v: v >= 0, "{text} should be a norm >= 0 (0: no clipping)")
 
 
@@ -84,22 +85,22 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         help=f"images per step and process (default {d.batch_size})")
     recipe.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                         help=f"default {d.optimizer}")
-    recipe.add_argument("--lr", type=float, default=None,
+    recipe.add_argument("--lr", type=finite_float, default=None,
                         help="peak learning rate (default 1e-3 for adamw, 0.01 for sgd)")
-    recipe.add_argument("--momentum", type=float, default=d.momentum,
+    recipe.add_argument("--momentum", type=finite_float, default=d.momentum,
                         help=f"sgd momentum, Nesterov (default {d.momentum})")
-    recipe.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    recipe.add_argument("--weight-decay", type=finite_float, default=d.weight_decay,
                         help=f"default {d.weight_decay}")
-    recipe.add_argument("--warmup", type=float, default=d.warmup,
+    recipe.add_argument("--warmup", type=finite_float, default=d.warmup,
                         help="fraction of the steps with a linear warm-up, then cosine decay "
                              f"(default {d.warmup})")
-    recipe.add_argument("--temperature", type=float, default=d.temperature,
+    recipe.add_argument("--temperature", type=finite_float, default=d.temperature,
                         help=f"distillation temperature (default {d.temperature})")
-    recipe.add_argument("--kd-weight", type=float, default=d.kd_weight,
+    recipe.add_argument("--kd-weight", type=finite_float, default=d.kd_weight,
                         help=f"weight of matching the teacher's logits (default {d.kd_weight})")
-    recipe.add_argument("--ce-weight", type=float, default=d.ce_weight,
+    recipe.add_argument("--ce-weight", type=finite_float, default=d.ce_weight,
                         help=f"weight of cross-entropy on labels (default {d.ce_weight})")
-    recipe.add_argument("--feature-weight", type=float, default=d.feature_weight,
+    recipe.add_argument("--feature-weight", type=finite_float, default=d.feature_weight,
                         help="weight of matching each converted layer's output to the "
                              f"original conv's (default {d.feature_weight}: off)")
     recipe.add_argument("--freeze-bn", action="store_true",

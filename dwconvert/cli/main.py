@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..progress import logging_above_bars, set_progress
 from . import bench, compare, compress, export, finetune, inspect, sweep
-from .common import EXIT_CODES_HELP, EXIT_FAILURE, CLIError
+from .common import EXIT_CODES_HELP, EXIT_FAILURE, CLIError, thread_count
 
 SUBCOMMANDS = (compress, compare, finetune, inspect, sweep, bench, export)
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="log errors only, and draw no progress bars")
     parser.add_argument("--progress", action="store_true",
                         help="draw progress bars even when stderr is not a terminal")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
                         help="torch threads (default: torch's choice); on a machine busy with "
                              "other work, 1 can be many times faster")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -46,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     set_progress(False if args.quiet else True if args.progress else None)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads {args.threads} should be at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
