@@ -140,6 +140,13 @@ def test_cli_bad_budgets(tmp_path, capsys):
     assert code == EXIT_USAGE and "budget '2'" in err
 
 
+def test_cli_budgets_that_would_share_a_checkpoint_name(tmp_path, capsys):
+    code, _, err = _run(["sweep", CNN_PATH, "--arch", CNN_ARCH, *SHAPE, "--budgets",
+                         "0.5,0.5000001", "-o", tmp_path / "s"], capsys)
+    assert code == EXIT_USAGE and "budget 0.5 more than once" in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_cli_bad_input_leaves_no_folder(tmp_path, capsys):
     code, _, err = _run(["sweep", tmp_path / "missing.pth", "--arch", CNN_ARCH, *SHAPE,
                          "--budgets", "0.5", "-o", tmp_path / "s"], capsys)

@@ -38,7 +38,14 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     parts = [part for part in text.split(",") if part.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("--budgets should list budgets, e.g. 1,0.5,0.25")
-    return tuple(parse_budget(part.strip()) for part in parts)
+    budgets = tuple(parse_budget(part.strip()) for part in parts)
+    names = [f"{b:g}" for b in budgets]  # the checkpoints are named budget-B.safetensors
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"--budgets {text!r} lists budget {', '.join(repeated)} more than once (as "
+            "printed to 6 digits, which names the checkpoints)")
+    return budgets
 
 
 def add_parser(subparsers) -> None:
