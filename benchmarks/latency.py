@@ -95,8 +95,9 @@ METHODS = ("dwconvert", "dwconvert-latency", CAPPED, "tltorch-cp")
 OURS = ("dwconvert", "dwconvert-latency", CAPPED)
 # A second, separately prepared copy of the original: the noise of identical models.
 AGAIN = "original (again)"
-AGAIN_NOTE = (f"; `{AGAIN}` is a second copy of the original, prepared and timed like the "
-              "others: how far identical models differ in this run")
+AGAIN_NOTE = ("; the original is timed as two copies, each prepared like the other rows, "
+              "and its time is the faster copy's; `two copies of the original` says how far "
+              "apart they ran, the noise of identical models in this run")
 PEER = "tltorch-cp"
 NOISE = 0.02
 # Rough seconds to convert each model with dwconvert (2 cores), for the run-time estimate.
@@ -156,6 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="resnet18 and mnist, budget 1/3, batch 1, 5 repeats, 0.5 s")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: write latency.md and latency.png again from the "
+                             "latency.json in --out (after a change to the report)")
     parser.add_argument("--update", action="store_true",
                         help="measure only --models again and keep the other models of the "
                              "latency.json already in --out (same budgets and batches)")
@@ -361,13 +365,51 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- targets
 
 
+def baseline(seconds: dict[str, float]) -> float | None:
+    """The original's time: the faster of its two copies where both were timed.
+
+    Identical models can differ by 10-20% on a shared machine; measuring speedups
+    against the faster copy keeps that noise from counting as a gain.
+    """
+    times = [seconds[key] for key in ("original", AGAIN) if key in seconds]
+    return min(times) if times else None
+
+
+def copy_gap(seconds: dict[str, float]) -> float | None:
+    """How far apart the two copies of the original ran: slower / faster - 1."""
+    if "original" not in seconds or AGAIN not in seconds:
+        return None
+    pair = seconds["original"], seconds[AGAIN]
+    return max(pair) / min(pair) - 1
+
+
 def speedup(model: dict, device: str, runtime: str, batch: int, label: str) -> float | None:
     for timing in model["timings"]:
         if (timing["device"], timing["runtime"], timing["batch"]) == (device, runtime, batch):
             seconds = timing["seconds"]
             if "original" in seconds and label in seconds:
-                return seconds["original"] / seconds[label]
+                return baseline(seconds) / seconds[label]
     return None
+
+
+def slower_rows(models: dict, method: str, floors: dict[str, float]) -> tuple[int, list[str]]:
+    """How many timings of ``method`` rows there are, and those slower than the allowance."""
+    checked, slower = 0, []
+    for name, model in models.items():
+        unchanged = {v["label"] for v in model["variants"] if v.get("macs") == model["macs"]}
+        for timing in model["timings"]:
+            seconds = timing["seconds"]
+            for label, value in seconds.items():
+                if label.split(" @ ")[0] != method or "original" not in seconds:
+                    continue
+                checked += 1
+                if value > baseline(seconds) * (1 + floors[name]):
+                    same = " (nothing converted: the original timed against itself)"
+                    slower.append(f"{name} {timing['device']} {timing['runtime']} "
+                                  f"b{timing['batch']} {label} "
+                                  f"{baseline(seconds) / value:.2f}x"
+                                  f"{same if label in unchanged else ''}")
+    return checked, slower
 
 
 def check_targets(results: dict) -> list[dict[str, Any]]:
@@ -391,31 +433,22 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
                             "met": best[0] is not None and best[0] >= goal})
     # Timing the original against a copy of itself shows how far identical models
     # differ in this run; a latency row is called slower only beyond that (and NOISE).
-    slower = []
-    checked = 0
-    floors = {}
-    for name, model in models.items():
-        unchanged = {v["label"] for v in model["variants"] if v.get("macs") == model["macs"]}
-        floors[name] = max([NOISE] + [abs(t["seconds"]["original"] / t["seconds"][AGAIN] - 1)
-                                      for t in model["timings"] if AGAIN in t["seconds"]])
-        for timing in model["timings"]:
-            for label, seconds in timing["seconds"].items():
-                if label.startswith("dwconvert-latency"):
-                    checked += 1
-                    if seconds > timing["seconds"]["original"] * (1 + floors[name]):
-                        same = " (nothing converted: the original timed against itself)"
-                        ratio = timing["seconds"]["original"] / seconds
-                        slower.append(f"{name} {timing['device']} {timing['runtime']} "
-                                      f"b{timing['batch']} {label} {ratio:.2f}x"
-                                      f"{same if label in unchanged else ''}")
-    if checked:
-        noise = ", ".join(f"{name} {floor:.0%}" for name, floor in floors.items())
-        targets.append({"target": "objective=latency never slower than the original, beyond "
-                                  "the noise of identical models in this run (the original "
-                                  f"against a copy of itself, at least {NOISE:.0%}: {noise})",
-                        "measured": f"{checked - len(slower)} of {checked} not slower"
-                        + (f"; slower: {', '.join(slower)}" if slower else ""),
-                        "met": not slower})
+    floors = {name: max([NOISE] + [g for g in (copy_gap(t["seconds"]) for t in m["timings"])
+                                   if g is not None])
+              for name, m in models.items()}
+    noise = ", ".join(f"{name} {floor:.0%}" for name, floor in floors.items())
+    for method, target in (
+            ("dwconvert-latency", "objective=latency never slower than the original, beyond "
+                                  "the noise of identical models in this run (the two copies "
+                                  f"of the original, at least {NOISE:.0%}: {noise})"),
+            (CAPPED, "objective=latency with max_macs (the cap wins over time by design) "
+                     "not slower, same allowance")):
+        checked, slower = slower_rows(models, method, floors)
+        if checked:
+            targets.append({"target": target,
+                            "measured": f"{checked - len(slower)} of {checked} not slower"
+                            + (f"; slower: {', '.join(slower)}" if slower else ""),
+                            "met": not slower if method != CAPPED else None})
     behind = []
     compared = 0
     for name, model in models.items():
@@ -459,13 +492,12 @@ def model_section(name: str, model: dict) -> str:
         f"{t['runtime']}{'' if t['device'] == 'cpu' else ' ' + t['device']} b{t['batch']}"
         for t in timings]
     rows = [["original", "1.000"] + [
-        f"{t['seconds']['original'] * 1e3:.2f} ms" if "original" in t["seconds"] else "n/a"
+        f"{baseline(t['seconds']) * 1e3:.2f} ms" if "original" in t["seconds"] else "n/a"
         for t in timings]]
     if any(AGAIN in t["seconds"] for t in timings):  # the A/A row
-        rows.append([AGAIN, "1.000"] + [
-            f"{t['seconds']['original'] / t['seconds'][AGAIN]:.2f}x"
-            if AGAIN in t["seconds"] and "original" in t["seconds"] else "n/a"
-            for t in timings])
+        rows.append(["two copies of the original", "1.000"] + [
+            f"{copy_gap(t['seconds']):.0%} apart" if copy_gap(t["seconds"]) is not None
+            else "n/a" for t in timings])
     notes = []
     for variant in model["variants"]:
         label = variant["label"]
@@ -477,7 +509,7 @@ def model_section(name: str, model: dict) -> str:
         for t in timings:
             seconds = t["seconds"]
             if label in seconds and "original" in seconds:
-                gain = seconds["original"] / seconds[label]
+                gain = baseline(seconds) / seconds[label]
                 cells.append(f"{gain:.2f}x ({gain / variant['mac_reduction']:.2f})")
             else:
                 cells.append("n/a")
@@ -520,7 +552,8 @@ def markdown_report(results: dict) -> str:
         "## Targets", "",
         md_table(["target", "measured", "met"],
                  [[t["target"], f"{t['measured']:.2f}x" if isinstance(t["measured"], float)
-                   else t["measured"], "yes" if t["met"] else "**no**"]
+                   else t["measured"],
+                   "-" if t["met"] is None else "yes" if t["met"] else "**no**"]
                   for t in results["targets"]]),
         "", "## Results", "",
     ]
@@ -611,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("dwconvert").setLevel(logging.INFO if args.verbose else logging.ERROR)
     torch.set_num_threads(args.threads)
+    if args.render:
+        results = json.loads((args.out / "latency.json").read_text())
+        return write_results(results, args.out)
     estimate = estimate_seconds(args)
     print(f"estimated run time: {estimate / 60:.0f} min", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -627,11 +663,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         results["meta"]["seconds"] = time.perf_counter() - start
         results["meta"]["estimated_seconds"] = estimate
+    return write_results(results, args.out)
+
+
+def write_results(results: dict[str, Any], out: Path) -> int:
+    """Check the targets, then write latency.json, latency.md and latency.png to ``out``."""
     results["targets"] = check_targets(results)
     report = markdown_report(results)
-    write_atomic(args.out / "latency.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out / "latency.md", report)
-    plot(results, args.out / "latency.png")
+    write_atomic(out / "latency.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "latency.md", report)
+    plot(results, out / "latency.png")
     print(report)
     return 0
 
