@@ -25,7 +25,8 @@ EXIT_CODES_HELP = (
     "exit codes: 0 success, 1 unexpected error (rerun with --debug), 2 bad options, "
     "3 unusable input (checkpoint, arch, data, input shape, NaN or Inf weights), "
     "4 conversion impossible "
-    "as asked (e.g. budget below the reachable minimum)"
+    "as asked (e.g. budget below the reachable minimum, an export that does not match "
+    "PyTorch), 130 interrupted (Ctrl-C or SIGTERM)"
 )
 
 
