@@ -294,7 +294,7 @@ def time_runtime(original: nn.Module, variants: list[dict], x: torch.Tensor, run
     calls, skipped = {}, {}
     contenders = {"original": original,
                   **{v["label"]: v["model"] for v in variants if "model" in v},
-                  AGAIN: copy.deepcopy(original)}
+                  AGAIN: original}  # prepare() copies each model, so this is a second copy
     for label, model in contenders.items():
         try:
             calls[label] = prepare(model, x, runtime)
