@@ -409,6 +409,20 @@ def test_compress_with_finetune_writes_the_tuned_model(mnist, tmp_path, capsys):
     assert {"report", "finetune", "source"} <= set(meta["extra"])
 
 
+def test_compress_refuses_a_bad_recipe_before_converting(tmp_path, capsys, monkeypatch):
+    import dwconvert.cli.compress as compress_cli
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted before the recipe was checked")
+
+    monkeypatch.setattr(compress_cli, "convert", no_conversion)
+    out_path = tmp_path / "tuned.safetensors"
+    code, _, err = _run(["compress", str(CNN_PATH), "-o", str(out_path), *CNN_OPTIONS,
+                         "--finetune", "mnist5k", "--lr", "-1"], capsys)
+    assert code == 2 and "lr=-1.0 should be positive" in err
+    assert not out_path.exists()
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--resume"], "no resume file"),
     (["--lr", "-1"], "lr=-1.0 should be positive"),

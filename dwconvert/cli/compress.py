@@ -15,6 +15,7 @@ from ..ranks import COST_MEASURES, BudgetError
 from .finetune import (
     add_training_options,
     check_resume_file,
+    config_from,
     cost_of,
     datasets_from,
     first_image,
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
                        EXIT_USAGE)
     output = check_output_path(args.output, [args.input], args.force or args.resume)
     if args.finetune is not None:
+        config_from(args)  # a bad recipe is refused before the conversion, not after
         check_resume_file(output, args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
                 args.objective == "latency" or args.layout == "auto"):
