@@ -209,9 +209,9 @@ def convert(
                                                   s.patch_sum, s.count)
                      for name, s in stats.items()}
 
-    # 4. Choose a form and rank per conv.
+    # 4. Choose a form and rank per conv (max_macs implies objective="latency").
+    cap = None if max_macs is None else MacsCap.of(layers, before, budget_scope, max_macs)
     if objective == "latency":
-        cap = None if max_macs is None else MacsCap.of(layers, before, budget_scope, max_macs)
         choice = _choose_by_time(layers, convs, forms, rank, budget, tolerance, budget_scope,
                                  reference, example_inputs, inputs, timer, whitening, seed,
                                  cp_size_limit, records, rank_multiple, cap)
@@ -239,9 +239,7 @@ def convert(
 
     # 5b. Give each new module its layout; by latency, keep convs that are not beaten
     # (unless putting the original back would break the MACs cap).
-    macs_left = None
-    if objective == "latency" and max_macs is not None:
-        macs_left = cap.room - sum(choice[name].macs for name in layers)
+    macs_left = None if cap is None else cap.room - sum(choice[n].macs for n in layers)
     for name in list(converted):
         module = target.get_submodule(name)
         if timing:

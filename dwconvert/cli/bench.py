@@ -59,6 +59,10 @@ def _runtimes(text: str) -> list[str]:
     return values
 
 
+duration = number_parser(float, lambda v: 0 <= v < math.inf,
+                         "{text} should be a number of seconds >= 0")
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -92,7 +96,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=20,
                         help="timed calls per model at least; the median is reported "
                              "(default 20)")
-    parser.add_argument("--min-seconds", type=seconds, default=1.0, metavar="S",
+    parser.add_argument("--min-seconds", type=duration, default=1.0, metavar="S",
                         help="keep timing (up to 10x --repeats calls) until S seconds have "
                              "passed, which steadies small models (default 1)")
     parser.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -106,10 +110,6 @@ def add_parser(subparsers) -> None:
                         help="also write the results as JSON")
     parser.add_argument("--force", action="store_true", help="replace the JSON file if it exists")
     parser.set_defaults(run=run)
-
-
-seconds = number_parser(float, lambda v: 0 <= v < math.inf,
-                        "{text} should be a number of seconds >= 0")
 
 
 def _models(args, example: torch.Tensor):
