@@ -110,3 +110,27 @@ def test_speedups_are_against_the_faster_copy_and_capped_rows_are_apart(bench):
     capped = next(t for t in targets.values() if "with max_macs" in t["target"])
     assert capped["met"] is None and capped["measured"].startswith("0 of 2 not slower")
     assert not any(t["target"].startswith("objective=latency never") for t in targets.values())
+
+
+def test_a_variant_shares_only_the_weights_conversion_left_alone(bench):
+    import copy
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                             nn.Linear(4 * 6 * 6, 5)).eval()
+    variant = copy.deepcopy(original)
+    variant[0] = nn.Conv2d(3, 4, 3)  # as a conversion would replace it
+    variant[1].running_mean += 1.0  # and a changed buffer
+    x = torch.randn(2, 3, 8, 8)
+    expected = variant(x)
+
+    bench.share_unchanged(variant, original)
+
+    assert variant[3].weight is original[3].weight and variant[3].bias is original[3].bias
+    assert variant[1].running_var is original[1].running_var
+    assert variant[1].running_mean is not original[1].running_mean
+    assert variant[0].weight is not original[0].weight
+    assert torch.equal(variant(x), expected)
