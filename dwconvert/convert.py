@@ -33,7 +33,7 @@ from .layers import FORM_CLASSES, PLAIN, layout_options
 from .layouts import arrangements, is_channels_last
 from .progress import progress
 from .ranks import COST_MEASURES, LayerCost, Option
-from .report import ConversionReport, LayerRecord
+from .report import IN_NOTES, ConversionReport, LayerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def convert(
                        f"but time rose ({format_seconds(record.time_before)} -> "
                        f"{format_seconds(record.time_after)})")
             report.notes.append("warning: " + message)
-            logger.warning(message)
+            logger.warning(message, extra=IN_NOTES)
     target.dwconvert_report = report
     return target
 
@@ -685,6 +685,7 @@ def _undo_if_slower(target, reference, example_inputs, sites, convs, records, co
         notes.append(f"warning: the converted model is not faster than the original as a "
                      f"whole ({timing}); it is kept because max_macs={max_macs:g} asks for "
                      "fewer MACs")
+        logger.warning(notes[-1], extra=IN_NOTES)
         return seconds
     for name in list(converted):
         _revert(target, name, sites, convs[name], records[name])
@@ -693,7 +694,7 @@ def _undo_if_slower(target, reference, example_inputs, sites, convs, records, co
         converted.remove(name)
     notes.append(f"every conv put back: the converted model as a whole was not faster than "
                  f"the original ({timing}); per-layer gains did not add up")
-    logger.warning(notes[-1])
+    logger.warning(notes[-1], extra=IN_NOTES)
     return timer({"original": reference, "converted": target}, example_inputs)
 
 
@@ -765,7 +766,8 @@ def _report(target, sites: ConvSites, records, before, after, budget, params_bef
         reasons = Counter(r.reason for r in report.layers)
         why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
         report.notes.append(f"no conv was converted: {why}")
-        logger.warning("no conv of %s was converted: %s", type(target).__name__, why)
+        logger.warning("no conv of %s was converted: %s", type(target).__name__, why,
+                       extra=IN_NOTES)
     if not report.layers:
         report.notes.append("the model has no nn.Conv2d")
     if before is None:

@@ -15,6 +15,10 @@ from tabulate import tabulate
 
 from .latency import format_seconds
 
+# ``extra`` of a log record whose message is also one of the report's notes, so that a
+# caller that prints the summary can leave the record out (see ``cli.common``).
+IN_NOTES = {"dwconvert_in_notes": True}
+
 
 @dataclass
 class LayerRecord:

@@ -221,6 +221,23 @@ def pointwise_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, groups=4))
 
 
+def test_a_warning_the_summary_prints_is_not_logged_again(tmp_path, capsys, caplog):
+    # A library caller is warned through logging; the command line prints the summary,
+    # so the same words once are enough there.
+    x = torch.randn(1, 1, 8, 8)
+    dwconvert.convert(pointwise_net(), form="dw-pw", rank=2, example_inputs=x)
+    assert [r for r in caplog.records if "was converted" in r.getMessage()]
+    caplog.clear()
+    code = main(["compress", str(_pointwise_only(tmp_path)), "-o", str(tmp_path / "o.safetensors"),
+                 "--arch", "tests.test_bad_input:pointwise_net", "--input-shape", "1,8,8",
+                 "--form", "dw-pw", "--rank", "2"])
+    out, err = capsys.readouterr()
+    assert code == EXIT_CONVERSION
+    assert out.count("no conv was converted") == 1
+    assert not [r for r in caplog.records if "was converted" in r.getMessage()]
+    assert "no conv of" not in err
+
+
 def test_debug_shows_a_traceback(tmp_path, capsys):
     with pytest.raises(Exception):
         main(["--debug", "compress", str(tmp_path / "missing.pth"), "-o",

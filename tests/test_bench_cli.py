@@ -112,13 +112,27 @@ def test_speedup_needs_objective_latency(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [["--min-seconds", "-1"], ["--min-seconds", "nan"],
-                                  ["--threads", "0"], ["--threads", "99999999999999999999"]])
+                                  ["--threads", "0"], ["--threads", "99999999999999999999"],
+                                  ["--repeats", "0"], ["--warmup", "-1"], ["--repeats", "2.5"]])
 def test_bench_rejects_bad_timing_options(converted_path, capsys, args):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28", *args])
     assert exit_.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert args[0] in err and repr(args[1]) in err and "Traceback" not in err
+
+
+def test_bench_says_once_that_a_runtime_cannot_run_the_model(converted_path, caplog, capsys):
+    # The CNN's forward calls ``view``, which fails on channels_last at every batch size.
+    code = main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28",
+                 "--batch", "1,2", "--runtimes", "eager,channels_last", "--repeats", "1",
+                 "--warmup", "0", "--min-seconds", "0"])
+    assert code == EXIT_OK
+    skips = [r for r in caplog.records if r.getMessage().startswith("skipping channels_last")]
+    assert len(skips) == 1
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert ["eager", "1"] in rows and ["eager", "2"] in rows
+    assert not any(row[:1] == ["channels_last"] for row in rows)
 
 
 def test_bench_keeps_the_global_threads(converted_path, capsys):

@@ -427,18 +427,21 @@ def test_compress_refuses_a_bad_recipe_before_converting(tmp_path, capsys, monke
     (["--resume"], "no resume file"),
     (["--lr", "-1"], "lr=-1.0 should be positive"),
     (["--epochs", "0"], "'0' should be a whole number of at least 1"),
+    (["--seed", str(2**64)], f"'{2**64}' should be a whole number from 0 to 2**64-1"),
+    (["--batch-size", str(2**40)], f"'{2**40}' should be a whole number of images"),
     (["--data", "nosuch"], "unknown data spec 'nosuch'"),
 ])
 def test_finetune_command_errors_are_one_line(extra, words, damaged, tmp_path, capsys):
     argv = ["finetune", str(damaged), "--teacher", str(CNN_PATH), "--data", "mnist5k",
             "--limit", "500", "--val-offset", "4000", "-o", str(tmp_path / "tuned.safetensors"),
             *extra]
-    with pytest.raises(SystemExit) if "--epochs" in extra else _nothing():
+    refused_by_parser = extra[0] in ("--epochs", "--seed", "--batch-size")
+    with pytest.raises(SystemExit) if refused_by_parser else _nothing():
         code, _, err = _run(argv, capsys)
         assert code in (2, 3)
         assert words in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
-    if "--epochs" in extra:
+    if refused_by_parser:
         assert words in capsys.readouterr().err
 
 

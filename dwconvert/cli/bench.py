@@ -24,6 +24,7 @@ from .common import (
     check_input_shape,
     check_output_path,
     load_original,
+    notes_in_summary,
     number_parser,
     parse_input_shape,
     thread_count,
@@ -63,6 +64,12 @@ duration = number_parser(float, lambda v: 0 <= v < math.inf,
                          "{text} should be a number of seconds >= 0")
 
 
+def calls_at_least(least: int):
+    """An argparse ``type`` for a count of calls, ``least`` or more."""
+    return number_parser(int, lambda v: v >= least,
+                         f"{{text}} should be a whole number of calls, at least {least}")
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -92,8 +99,9 @@ def add_parser(subparsers) -> None:
                              "--threads, else torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of the PyTorch runtimes (default: cpu)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
-    parser.add_argument("--repeats", type=int, default=20,
+    parser.add_argument("--warmup", type=calls_at_least(0), default=3,
+                        help="untimed calls first (default 3)")
+    parser.add_argument("--repeats", type=calls_at_least(1), default=20,
                         help="timed calls per model at least; the median is reported "
                              "(default 20)")
     parser.add_argument("--min-seconds", type=duration, default=1.0, metavar="S",
@@ -121,8 +129,9 @@ def _models(args, example: torch.Tensor):
     original = load_original(args.original, args.arch, args.arch_kwargs, args.allow_pickle)
     check_input_shape(original, tuple(example.shape))
     try:
-        converted = convert(original, budget=args.budget, objective=args.objective,
-                            example_inputs=example)
+        with notes_in_summary():
+            converted = convert(original, budget=args.budget, objective=args.objective,
+                                example_inputs=example)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
     print(converted.dwconvert_report.summary())
@@ -133,9 +142,6 @@ def _models(args, example: torch.Tensor):
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.repeats < 1 or args.warmup < 0:
-        raise CLIError(f"--repeats {args.repeats} should be at least 1 and --warmup "
-                       f"{args.warmup} at least 0", EXIT_USAGE)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here", EXIT_USAGE)
     inputs = [p for p in (args.original, args.converted) if p is not None]
@@ -157,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
                 seconds = time_models({"original": original, "converted": converted}, x,
                                       runtime, warmup=args.warmup, repeats=args.repeats,
                                       min_seconds=args.min_seconds, fold_bn=args.fold_bn)
-            except RuntimeUnavailable as err:
+            except RuntimeUnavailable as err:  # the same at every batch size: say it once
                 logger.warning("skipping %s: %s", runtime, err)
-                continue
+                break
             speedup = seconds["original"] / seconds["converted"]
             rows.append([runtime, batch, format_seconds(seconds["original"]),
                          format_seconds(seconds["converted"]), f"{speedup:.2f}x",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, build_model, load_weights, read_state_dict
 from ..files import write_text
-from ..report import REPORT_SUFFIXES, render
+from ..report import IN_NOTES, REPORT_SUFFIXES, render
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error: a bug, reported with --debug
@@ -67,6 +69,11 @@ def number_parser(convert: Callable[[str], float], accept: Callable[[float], boo
 
 thread_count = number_parser(int, lambda v: 1 <= v <= 4096,
                              "{text} should be a whole number from 1 to 4096")
+# Bounded where torch's own limits would otherwise fail deep inside with a traceback.
+parse_batch_size = number_parser(int, lambda v: 1 <= v < 2**31,
+                                 "{text} should be a whole number of images from 1 to 2**31-1")
+parse_seed = number_parser(int, lambda v: 0 <= v < 2**64,
+                           "{text} should be a whole number from 0 to 2**64-1 (torch's seed range)")
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -130,7 +137,8 @@ def add_data_options(parser: argparse.ArgumentParser, evaluation: bool = True) -
                             help="skip the first N images (e.g. those used by --calib)")
         parser.add_argument("--split", default="test", choices=("train", "test"),
                             help="split of the data spec, where it has splits (default: test)")
-        parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+        parser.add_argument("--batch-size", type=parse_batch_size, default=256,
+                            help="evaluation batch size")
 
 
 def load_original(path: str, arch: str | None, arch_kwargs: dict | None,
@@ -209,3 +217,22 @@ def write_report(report, path: Path | None) -> None:
         return
     write_text(path, render(report, path.suffix))
     print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def notes_in_summary(printed: bool = True) -> Iterator[None]:
+    """Leave out the conversion's log records that the printed summary repeats as notes.
+
+    ``printed``: whether this process prints the summary (under torchrun, only the
+    main one does; the others keep the records).
+    """
+    def not_a_note(record: logging.LogRecord) -> bool:
+        return not all(getattr(record, key, False) for key in IN_NOTES)
+
+    convert_logger = logging.getLogger("dwconvert.convert")
+    if printed:
+        convert_logger.addFilter(not_a_note)
+    try:
+        yield
+    finally:
+        convert_logger.removeFilter(not_a_note)

@@ -38,6 +38,7 @@ from .common import (
     check_output_path,
     check_report_path,
     load_original,
+    notes_in_summary,
     number_parser,
     parse_input_shape,
     write_report,
@@ -190,15 +191,16 @@ def run(args: argparse.Namespace) -> int:
     example = check_input_shape(model, args.input_shape)
     calibration = calibration_loader(args)
     try:
-        converted = convert(model, form=args.form, rank=args.rank, budget=args.budget,
-                            tolerance=args.tolerance, budget_on=args.budget_on,
-                            budget_scope=args.budget_scope, example_inputs=example,
-                            calibration=calibration, calib_samples=args.calib_samples,
-                            recalibrate_bn=args.recalibrate_bn, fold_bn=args.fold_bn,
-                            exclude=args.exclude,
-                            cp_iters=args.cp_iters, objective=args.objective,
-                            speedup=args.speedup, layout=args.layout,
-                            rank_multiple=args.rank_multiple, max_macs=args.max_macs)
+        with notes_in_summary(printed=main):
+            converted = convert(model, form=args.form, rank=args.rank, budget=args.budget,
+                                tolerance=args.tolerance, budget_on=args.budget_on,
+                                budget_scope=args.budget_scope, example_inputs=example,
+                                calibration=calibration, calib_samples=args.calib_samples,
+                                recalibrate_bn=args.recalibrate_bn, fold_bn=args.fold_bn,
+                                exclude=args.exclude,
+                                cp_iters=args.cp_iters, objective=args.objective,
+                                speedup=args.speedup, layout=args.layout,
+                                rank_multiple=args.rank_multiple, max_macs=args.max_macs)
     except BudgetError as err:
         raise CLIError(str(err), EXIT_CONVERSION) from None
     except WeightsError as err:

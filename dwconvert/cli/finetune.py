@@ -32,7 +32,9 @@ from .common import (
     check_output_path,
     load_original,
     number_parser,
+    parse_batch_size,
     parse_floats,
+    parse_seed,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     recipe = parser.add_argument_group("fine-tuning recipe")
     recipe.add_argument("--epochs", type=positive_int, default=d.epochs,
                         help=f"passes over the training data (default {d.epochs})")
-    recipe.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+    recipe.add_argument("--batch-size", type=parse_batch_size, default=d.batch_size,
                         help=f"images per step and process (default {d.batch_size})")
     recipe.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                         help=f"default {d.optimizer}")
@@ -108,7 +110,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--clip-grad-norm", type=_clip_norm, default=d.clip_grad_norm,
                         help=f"largest gradient norm; 0 for no clipping "
                              f"(default {d.clip_grad_norm})")
-    recipe.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    recipe.add_argument("--seed", type=parse_seed, default=d.seed, help=f"default {d.seed}")
     recipe.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
                         metavar="STEPS", help="steps between writes of the resume file "
                                               f"(default {d.checkpoint_every})")
