@@ -304,6 +304,27 @@ def test_real_timer_runs_interleaved_and_returns_medians():
     assert order == ["a", "b", "b", "a", "a", "b"]
 
 
+def test_onnxruntime_sessions_run_the_model_and_do_not_spin_between_calls(monkeypatch):
+    # Spinning threads of one session would slow the next one timed after it.
+    ort = pytest.importorskip("onnxruntime")
+    from dwconvert.latency import prepare
+
+    sessions = []
+
+    class Recorded(ort.InferenceSession):
+        def __init__(self, path, options, **kwargs):
+            super().__init__(path, options, **kwargs)
+            sessions.append(options)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    conv = nn.Conv2d(3, 5, 3, padding=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    (out,) = prepare(conv, x, "onnxruntime")()
+    torch.testing.assert_close(torch.from_numpy(out), conv(x), rtol=1e-4, atol=1e-5)
+    assert [o.get_session_config_entry("session.intra_op.allow_spinning")
+            for o in sessions] == ["0"]
+
+
 def test_capture_inputs_sees_each_layer_input():
     net = Net().eval()
     x = example()
