@@ -268,7 +268,8 @@ def save(
                              and not v.is_contiguous()]
     metadata = {"dwconvert": json.dumps(meta)}
 
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                     replace=overwrite)
     logger.info("saved %d tensors and %d converted layers to %s", len(tensors),
                 len(meta["layers"]), path)
     return path

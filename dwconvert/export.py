@@ -91,19 +91,22 @@ def require_onnx():
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
                 exporter: str = "dynamo", batch_sizes: tuple[int, ...] = (1, 3),
-                tolerance: float = 1e-4, opset: int | None = None) -> ExportCheck:
+                tolerance: float = 1e-4, opset: int | None = None,
+                overwrite: bool = True) -> ExportCheck:
     """Write ``model`` as ONNX with a dynamic batch dimension, checked in onnxruntime.
 
     Args:
         model: the (converted) model, in eval mode.
         example: an input batch ``(B, C, H, W)``; its shape after the batch
             dimension is fixed in the file.
-        path: the ``.onnx`` file to write (replaced if it exists).
+        path: the ``.onnx`` file to write.
         exporter: ``"dynamo"`` (``torch.export`` based, the default of current
             PyTorch) or ``"torchscript"`` (the older tracing exporter).
         batch_sizes: the batch sizes at which onnxruntime is compared with PyTorch.
         tolerance: the largest relative max error accepted.
         opset: the ONNX opset (the exporter's default if None).
+        overwrite: replace ``path`` if it exists; if False, an existing ``path``
+            (or one that appears during the export) raises ``FileExistsError``.
 
     Raises:
         ImportError: onnx or onnxruntime is missing.
@@ -144,18 +147,19 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
         check["error"] = _check(run, model, example, batch_sizes, tolerance, "onnxruntime")
 
-    written = write_atomically(path, write)
+    written = write_atomically(path, write, replace=overwrite)
     return ExportCheck(written, tuple(batch_sizes), check["error"])
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
                        batch_sizes: tuple[int, ...] = (1, 3),
-                       tolerance: float = 1e-5) -> ExportCheck:
+                       tolerance: float = 1e-5, overwrite: bool = True) -> ExportCheck:
     """Write ``model`` traced to TorchScript, checked after ``torch.jit.load``.
 
     Tracing records the operations run on ``example``: a model whose forward
     branches on its input is exported for that branch only (the check at other
-    batch sizes catches shape-dependent branches).
+    batch sizes catches shape-dependent branches). ``overwrite=False`` keeps an
+    existing ``path`` as :func:`export_onnx` does.
     """
     model = model.eval()
     check = {}
@@ -174,5 +178,5 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
         check["error"] = _check(lambda x: loaded(x), model, example, batch_sizes, tolerance,
                                 "TorchScript")
 
-    written = write_atomically(path, write)
+    written = write_atomically(path, write, replace=overwrite)
     return ExportCheck(written, tuple(batch_sizes), check["error"])

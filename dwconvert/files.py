@@ -1,7 +1,9 @@
 """Writing output files atomically: a temporary file beside the target, then a rename.
 
 An interrupted write never leaves a half-written file, and the target is only
-replaced once the new content is complete.
+replaced once the new content is complete. Asked not to replace, the last step is a
+hard link instead, which fails if the target exists by then: a file that appears
+while the content is written is kept too.
 """
 
 from __future__ import annotations
@@ -18,13 +20,35 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def _exists_error(path: Path, when: str) -> FileExistsError:
+    return FileExistsError(f"{str(path)!r} {when}; it is kept (pass overwrite=True, "
+                           "CLI: --force, to replace it)")
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give ``tmp``'s content the name ``path`` only if no file has that name yet."""
+    try:
+        os.link(tmp, path)  # atomic: fails if ``path`` exists
+    except FileExistsError:
+        raise _exists_error(path, "appeared while it was being written") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise _exists_error(path, "appeared while it was being written") from None
+        os.replace(tmp, path)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], *,
+                     replace: bool = True) -> Path:
     """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path``.
 
     ``write`` receives the temporary path, whose suffix is that of ``path`` (some
-    writers, such as matplotlib's, choose the format by suffix).
+    writers, such as matplotlib's, choose the format by suffix). With
+    ``replace=False`` an existing ``path`` is never replaced: ``FileExistsError``
+    before ``write`` runs, or after it if ``path`` appeared meanwhile.
     """
     path = Path(path)
+    if not replace and path.exists():
+        raise _exists_error(path, "exists")
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
                                 dir=path.parent)
     os.close(fd)
@@ -32,13 +56,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0o600; give a new file's mode
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def write_text(path: str | os.PathLike, text: str, *, replace: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_atomically`)."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"),
+                            replace=replace)

@@ -138,6 +138,7 @@ def finetune(
 class _Paths:
     output: Path
     state: Path
+    new: bool  # output did not exist and must not be replaced by another's file
 
 
 def _check_paths(output, resume: bool, overwrite: bool) -> _Paths | None:
@@ -145,7 +146,8 @@ def _check_paths(output, resume: bool, overwrite: bool) -> _Paths | None:
         if resume:
             raise ValueError("resume=True needs the output= of the run to resume")
         return None
-    paths = _Paths(Path(output), resume_path(output))
+    paths = _Paths(Path(output), resume_path(output),
+                   new=not resume and not overwrite and not Path(output).exists())
     if resume and not paths.state.is_file():
         raise FileNotFoundError(
             f"no resume file {str(paths.state)!r}: the run never started, or it completed "
@@ -168,6 +170,8 @@ class _Run:
         self.config = config
         self.context = context
         self.paths = paths
+        # Replaced freely once this run has written it (or when asked to).
+        self._output_is_ours = paths is None or not paths.new
         self.saving = saving  # arch, arch_kwargs and extra metadata of the output
         self.show_progress = progress and context.is_main
         self.train_set, self.collate, self.batch_size = _unwrap(data, config.batch_size)
@@ -318,8 +322,9 @@ class _Run:
             finetuned = {"epoch": record.epoch, "record": asdict(record),
                          "config": asdict(self.config)}
             save(self.model, self.paths.output, arch=self.saving["arch"],
-                 arch_kwargs=self.saving["arch_kwargs"], overwrite=True,
+                 arch_kwargs=self.saving["arch_kwargs"], overwrite=self._output_is_ours,
                  extra={**self.saving["extra"], "finetune": finetuned})
+            self._output_is_ours = True
             logger.info("kept epoch %d in %s", record.epoch, self.paths.output)
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 

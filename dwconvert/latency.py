@@ -147,12 +147,12 @@ def prepare(model: nn.Module, example: torch.Tensor, runtime: str, *, fold_bn: b
     ``eager``: PyTorch on ``example``'s device in NCHW; ``channels_last``: the model
     and input converted to channels_last; ``onnxruntime``: exported to ONNX
     (TorchScript exporter) and run by ONNX Runtime's CPU provider with
-    ``torch.get_num_threads()`` intra-op threads that do not spin between runs. In the PyTorch runtimes BatchNorm
-    is folded into the conv before it (``fold_bn``, for any model, so that original
-    and converted are treated alike; ONNX Runtime folds it itself) and, with
-    ``relayout``, every factorized layer gets the layout measured fastest at this
-    input (see :mod:`dwconvert.layouts`); ONNX Runtime gets the plain layout, which
-    its own graph optimiser rewrites.
+    ``torch.get_num_threads()`` intra-op threads that do not spin between runs. In
+    the PyTorch runtimes BatchNorm is folded into the conv before it (``fold_bn``,
+    for any model, so that original and converted are treated alike; ONNX Runtime
+    folds it itself) and, with ``relayout``, every factorized layer gets the layout
+    measured fastest at this input (see :mod:`dwconvert.layouts`); ONNX Runtime gets
+    the plain layout, which its own graph optimiser rewrites.
     """
     from .layouts import choose_layouts, factorized_modules
 

@@ -26,8 +26,11 @@ def require_matplotlib():
     return plt
 
 
-def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None, *,
+               overwrite: bool = True) -> Path:
     """Draw ``result`` to ``path`` (PNG by suffix), atomically.
+
+    With ``overwrite=False`` an existing ``path`` raises ``FileExistsError``.
 
     Left: top-1 against MACs (when the sweep had data). Right: latency against
     MACs. Points on each panel's Pareto front are joined by a line; the original
@@ -72,6 +75,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None =
         fig.suptitle(title)
     fig.tight_layout()
     try:
-        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120),
+                                replace=overwrite)
     finally:
         plt.close(fig)

@@ -275,6 +275,27 @@ def test_existing_output_is_kept_without_force(tmp_path, capsys):
     assert output.read_bytes() == b"keep me"
 
 
+def test_an_output_that_appears_during_the_run_is_kept(tmp_path, capsys, monkeypatch):
+    # Checked absent at the start, then written by someone else while converting.
+    source = _copy(tmp_path)
+    output = tmp_path / "out" / "o.safetensors"
+    output.parent.mkdir()
+    real_save_file = checkpoint.save_file
+
+    def someone_writes_it_first(tensors, filename, metadata=None):
+        output.write_bytes(b"theirs")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", someone_writes_it_first)
+    code = main(["compress", str(source), "-o", str(output), "--arch", CNN_ARCH, *OK])
+    _, err = capsys.readouterr()
+    TRIED["cli"] += 1
+    assert code == EXIT_USAGE and "appeared while it was being written" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert output.read_bytes() == b"theirs"
+    assert list(output.parent.iterdir()) == [output]  # no temporary file left
+
+
 # --- the API --------------------------------------------------------------------------------
 
 

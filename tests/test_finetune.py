@@ -325,6 +325,32 @@ def test_files_are_not_replaced_unasked(tmp_path):
         finetune(student, teacher, _tiny_data(), output=out, resume=True)
 
 
+def test_an_output_that_appears_during_training_is_kept(tmp_path, monkeypatch):
+    import importlib
+
+    finetune_module = importlib.import_module("dwconvert.finetune")  # the function shadows it
+    out = tmp_path / "tuned.safetensors"
+    real_save = finetune_module.save
+    saved_over = []
+
+    def someone_writes_it_first(model, path, **kwargs):
+        if not out.exists():
+            out.write_bytes(b"theirs")
+        saved_over.append(kwargs["overwrite"])
+        return real_save(model, path, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "save", someone_writes_it_first)
+    student, teacher = _tiny_pair()
+    with pytest.raises(FileExistsError, match="tuned.safetensors' exists"):
+        finetune(student, teacher, _tiny_data(), output=out, arch=f"{__name__}:_TinyNet")
+    assert out.read_bytes() == b"theirs" and saved_over == [False]
+    # With overwrite=True the run's first epoch replaces it, as asked.
+    student, teacher = _tiny_pair()
+    finetune(student, teacher, _tiny_data(), output=out, overwrite=True, epochs=2,
+             arch=f"{__name__}:_TinyNet")
+    assert dwconvert.checkpoint.read_recipe(out)["extra"]["finetune"]["epoch"] >= 1
+
+
 @pytest.mark.parametrize("option, value, words", [
     ("epochs", 0, "epochs=0 should be at least 1"),
     ("lr", -1.0, "lr=-1.0 should be positive"),

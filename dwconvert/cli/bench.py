@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
           "warm-up calls each")
     if output is not None:
         write_text(output, json.dumps({"threads": torch.get_num_threads(),
-                                       "results": results}, indent=2) + "\n")
+                                       "results": results}, indent=2) + "\n",
+                   replace=args.force)
         print(f"wrote {output}")
     return 0

@@ -211,11 +211,14 @@ def check_report_path(path: str | None, inputs: list[str], force: bool) -> Path 
     return check_output_path(path, inputs, force)
 
 
-def write_report(report, path: Path | None) -> None:
-    """Write ``report`` as JSON or Markdown by the suffix of ``path`` (atomically)."""
+def write_report(report, path: Path | None, force: bool) -> None:
+    """Write ``report`` as JSON or Markdown by the suffix of ``path`` (atomically).
+
+    Without ``force`` a file that appeared at ``path`` since it was checked is kept.
+    """
     if path is None:
         return
-    write_text(path, render(report, path.suffix))
+    write_text(path, render(report, path.suffix), replace=force)
     print(f"wrote {path}")
 
 

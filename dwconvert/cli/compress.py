@@ -225,12 +225,12 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune is not None:
         _finetune(args, model, converted, output, arch, extra)
         if main:
-            write_report(report, report_path)
+            write_report(report, report_path, args.force)
         return 0
     save(converted, output, arch=arch, arch_kwargs=args.arch_kwargs, overwrite=args.force,
          extra=extra)
     print(f"wrote {output}")
-    write_report(report, report_path)
+    write_report(report, report_path, args.force)
     return 0
 
 

@@ -75,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.onnx is not None:
             check = export_onnx(model, example, paths[0], exporter=args.exporter,
-                                opset=args.opset)
+                                opset=args.opset, overwrite=args.force)
             print(f"wrote {check.path} (onnxruntime matches PyTorch at batch sizes "
                   f"{', '.join(map(str, check.batch_sizes))}: relative max error "
                   f"{check.max_error:.1e})")
         if args.torchscript is not None:
-            check = export_torchscript(model, example, paths[-1])
+            check = export_torchscript(model, example, paths[-1], overwrite=args.force)
             print(f"wrote {check.path} (TorchScript matches PyTorch at batch sizes "
                   f"{', '.join(map(str, check.batch_sizes))}: relative max error "
                   f"{check.max_error:.1e})")

@@ -73,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     print()
     print(report.summary())
-    write_report(report, report_path)
+    write_report(report, report_path, args.force)
     return 0

@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..progress import logging_above_bars, set_progress
 from . import bench, compare, compress, export, finetune, inspect, sweep
-from .common import EXIT_CODES_HELP, EXIT_FAILURE, CLIError, thread_count
+from .common import EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, CLIError, thread_count
 
 SUBCOMMANDS = (compress, compare, finetune, inspect, sweep, bench, export)
 
@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dwconvert {args.command}: error: {err}", file=sys.stderr)
         return err.code
+    except FileExistsError as err:  # an output that appeared while the command ran
+        if args.debug:
+            raise
+        print(f"dwconvert {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"dwconvert {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -152,12 +152,12 @@ def run(args: argparse.Namespace) -> int:
     print(result.summary())
 
     Path(args.output).mkdir(exist_ok=True)
-    write_text(outputs["csv"], _csv(result.rows()))
+    write_text(outputs["csv"], _csv(result.rows()), replace=args.force)
     print(f"wrote {outputs['csv']}")
     if "png" in outputs:
         from ..plot import plot_sweep
 
-        plot_sweep(result, outputs["png"], title=Path(args.input).name)
+        plot_sweep(result, outputs["png"], title=Path(args.input).name, overwrite=args.force)
         print(f"wrote {outputs['png']}")
     models = {b: m for b, m in models.items() if m.dwconvert_report.converted}
     for budget, converted in models.items():
@@ -167,5 +167,5 @@ def run(args: argparse.Namespace) -> int:
                     "report": converted.dwconvert_report.to_dict()})
     if models:
         print(f"wrote {len(models)} converted checkpoints to {args.output}")
-    write_report(result, report_path)
+    write_report(result, report_path, args.force)
     return 0
