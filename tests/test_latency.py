@@ -302,6 +302,11 @@ def test_real_timer_runs_interleaved_and_returns_medians():
     time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                      warmup=0, repeats=3)
     assert order == ["a", "b", "b", "a", "a", "b"]
+    order.clear()
+    time_interleaved({name: (lambda name=name: order.append(name)) for name in "abc"},
+                     warmup=0, repeats=4)
+    assert "".join(order) == "abc" "bca" "cab" "abc"
+    assert all(first != second for first, second in zip(order, order[1:]))
 
 
 def test_onnxruntime_sessions_run_the_model_and_do_not_spin_between_calls(monkeypatch):
