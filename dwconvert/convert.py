@@ -636,8 +636,9 @@ def _choose_by_time(layers, convs, forms, rank, budget, tolerance, scope, refere
         raise ranks.BudgetError(
             f"{'speedup %.3g' % (1 / budget)} (budget {budget:.3g} of the measured time) is out "
             f"of reach: the fastest options measured keep {reachable:.3f} of the time "
-            f"(speedup {1 / reachable:.2f}); ask for less, or convert the model on a quieter "
-            "machine", minimum=reachable)
+            f"(speedup {1 / reachable:.3f} at most); ask for less, e.g. speedup "
+            f"{max(1.0, 0.95 / reachable):.2f} with room for timing noise, or convert the model "
+            "on a quieter machine", minimum=reachable)
     if cap is None:
         return ranks.allocate(options, room)
     try:

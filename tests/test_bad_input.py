@@ -275,6 +275,17 @@ def test_existing_output_is_kept_without_force(tmp_path, capsys):
     assert output.read_bytes() == b"keep me"
 
 
+def test_an_output_that_is_a_dangling_symlink_is_refused_before_any_work(tmp_path, capsys):
+    source = _copy(tmp_path)
+    output = tmp_path / "o.safetensors"
+    output.symlink_to(tmp_path / "missing" / "target.safetensors")
+    code = main(["compress", str(source), "-o", str(output), "--arch", CNN_ARCH, *OK])
+    _, err = capsys.readouterr()
+    TRIED["cli"] += 1
+    assert code == EXIT_USAGE and "symlink to a missing file" in err
+    assert output.is_symlink() and not output.exists()
+
+
 def test_an_output_that_appears_during_the_run_is_kept(tmp_path, capsys, monkeypatch):
     # Checked absent at the start, then written by someone else while converting.
     source = _copy(tmp_path)

@@ -113,7 +113,8 @@ def test_speedup_needs_objective_latency(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--min-seconds", "-1"], ["--min-seconds", "nan"],
                                   ["--threads", "0"], ["--threads", "99999999999999999999"],
-                                  ["--repeats", "0"], ["--warmup", "-1"], ["--repeats", "2.5"]])
+                                  ["--repeats", "0"], ["--warmup", "-1"], ["--repeats", "2.5"],
+                                  ["--batch", str(2**40)]])
 def test_bench_rejects_bad_timing_options(converted_path, capsys, args):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", str(CNN_PATH), str(converted_path), "--input-shape", "1,28,28", *args])

@@ -114,3 +114,16 @@ def test_cli_reports_a_failed_check(tmp_path, capsys):
     code, _, err = _run(["export", ckpt, "--torchscript", tmp_path / "b.pt"], capsys)
     assert code == EXIT_CONVERSION and "differs from PyTorch at batch size 3" in err
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_cli_refuses_one_file_for_both_formats_however_it_is_spelled(tmp_path, capsys,
+                                                                     monkeypatch):
+    model = dwconvert.convert(BatchDependent().eval(), form="dw-pw", rank=1,
+                              example_inputs=torch.randn(1, 1, 8, 8))
+    ckpt = dwconvert.save(model, tmp_path / "b.safetensors", arch=f"{__name__}:BatchDependent",
+                          extra={"input_shape": [1, 1, 8, 8]})
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(["export", ckpt, "--onnx", "same.onnx", "--torchscript", "./same.onnx",
+                         "--force"], capsys)
+    assert code == EXIT_USAGE and "name the same file" in err
+    assert not (tmp_path / "same.onnx").exists()

@@ -435,6 +435,28 @@ def test_compress_with_finetune_writes_the_tuned_model(mnist, tmp_path, capsys):
     assert {"report", "finetune", "source"} <= set(meta["extra"])
 
 
+def test_compress_with_finetune_keeps_an_output_that_appears_during_the_run(
+        tmp_path, capsys, monkeypatch):
+    import importlib
+
+    finetune_module = importlib.import_module("dwconvert.finetune")
+    out_path = tmp_path / "tuned.safetensors"
+    real_save = finetune_module.save
+
+    def someone_writes_it_first(model, path, **kwargs):
+        out_path.write_bytes(b"theirs")
+        return real_save(model, path, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "save", someone_writes_it_first)
+    code, _, err = _run(["compress", str(CNN_PATH), "-o", str(out_path), *CNN_OPTIONS,
+                         "--form", "dw-pw", "--budget", "0.125", "--budget-scope",
+                         "convertible", "--finetune", "mnist5k", "--finetune-limit", "200",
+                         "--val-offset", "4000", "--val-limit", "100", "--lr", "0.01",
+                         "--batch-size", "16"], capsys)
+    assert code == 2 and "tuned.safetensors' exists" in err
+    assert "Traceback" not in err and out_path.read_bytes() == b"theirs"
+
+
 def test_compress_refuses_a_bad_recipe_before_converting(tmp_path, capsys, monkeypatch):
     import dwconvert.cli.compress as compress_cli
 
@@ -453,7 +475,7 @@ def test_compress_refuses_a_bad_recipe_before_converting(tmp_path, capsys, monke
     (["--resume"], "no resume file"),
     (["--lr", "-1"], "lr=-1.0 should be positive"),
     (["--epochs", "0"], "'0' should be a whole number of at least 1"),
-    (["--seed", str(2**64)], f"'{2**64}' should be a whole number from 0 to 2**64-1"),
+    (["--seed", str(2**32)], f"'{2**32}' should be a whole number from 0 to 2**32-1"),
     (["--batch-size", str(2**40)], f"'{2**40}' should be a whole number of images"),
     (["--data", "nosuch"], "unknown data spec 'nosuch'"),
 ])

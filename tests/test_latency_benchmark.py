@@ -98,6 +98,19 @@ def test_slower_means_beyond_the_noise_of_the_original_against_its_copy(bench):
     assert "onnxruntime b1 dwconvert-latency @ 1/3 0.83x" in never["measured"]
 
 
+def test_copies_too_far_apart_give_no_verdict(bench):
+    data = results({"dwconvert-latency @ 1/3": 90}, {"dwconvert-latency @ 1/3": 20.0})
+    eager, _ = data["models"]["resnet18"]["timings"]
+    eager["seconds"][bench.AGAIN] = 36.0  # identical models 20% apart: a busy machine
+    never = next(t for t in bench.check_targets(data)
+                 if t["target"].startswith("objective=latency never"))
+    assert never["met"] is None and "too noisy to judge" in never["target"]
+    eager["seconds"][bench.AGAIN] = 31.5  # 5% apart: judged again
+    never = next(t for t in bench.check_targets(data)
+                 if t["target"].startswith("objective=latency never"))
+    assert never["met"] is True and "too noisy" not in never["target"]
+
+
 def test_speedups_are_against_the_faster_copy_and_capped_rows_are_apart(bench):
     data = results({"dwconvert @ 1/3": 100, "dwconvert-latency-capped @ 1/3": 100},
                    {"dwconvert @ 1/3": 15.0, "dwconvert-latency-capped @ 1/3": 40.0})

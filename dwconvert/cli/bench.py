@@ -46,8 +46,9 @@ def _ints(text: str) -> list[int]:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} should be positive ints, e.g. 1,8")
+    if not values or min(values) < 1 or max(values) >= 2**31:
+        raise argparse.ArgumentTypeError(f"{text!r} should be positive ints below 2**31, "
+                                         "e.g. 1,8")
     return values
 
 
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     reduction = measure(original, (example,)).macs / measure(converted, (example,)).macs
     device = torch.device(args.device)
     original, converted = original.to(device), converted.to(device)
-    rows, results = [], []
+    rows, results, warned = [], [], set()
     for runtime in args.runtimes:
         for batch in args.batch:
             x = torch.randn(batch, *args.input_shape[1:], device=device)
@@ -163,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
                 seconds = time_models({"original": original, "converted": converted}, x,
                                       runtime, warmup=args.warmup, repeats=args.repeats,
                                       min_seconds=args.min_seconds, fold_bn=args.fold_bn)
-            except RuntimeUnavailable as err:  # the same at every batch size: say it once
-                logger.warning("skipping %s: %s", runtime, err)
-                break
+            except RuntimeUnavailable as err:  # often the same at every batch: say it once
+                if str(err) not in warned:
+                    logger.warning("skipping %s: %s", runtime, err)
+                    warned.add(str(err))
+                continue
             speedup = seconds["original"] / seconds["converted"]
             rows.append([runtime, batch, format_seconds(seconds["original"]),
                          format_seconds(seconds["converted"]), f"{speedup:.2f}x",

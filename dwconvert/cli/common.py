@@ -72,8 +72,9 @@ thread_count = number_parser(int, lambda v: 1 <= v <= 4096,
 # Bounded where torch's own limits would otherwise fail deep inside with a traceback.
 parse_batch_size = number_parser(int, lambda v: 1 <= v < 2**31,
                                  "{text} should be a whole number of images from 1 to 2**31-1")
-parse_seed = number_parser(int, lambda v: 0 <= v < 2**64,
-                           "{text} should be a whole number from 0 to 2**64-1 (torch's seed range)")
+# Seeds are offset by the epoch and the process rank, so well inside torch's 64 bits.
+parse_seed = number_parser(int, lambda v: 0 <= v < 2**32,
+                           "{text} should be a whole number from 0 to 2**32-1")
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -182,6 +183,9 @@ def check_output_path(output: str, inputs: list[str], force: bool) -> Path:
                 or out.resolve() == Path(source).resolve():
             raise CLIError(f"output {output!r} is the input file; choose another path",
                            EXIT_USAGE)
+    if out.is_symlink() and not out.exists():
+        raise CLIError(f"output {output!r} is a symlink to a missing file; remove the link or "
+                       "choose another path", EXIT_USAGE)
     if out.is_dir():
         raise CLIError(f"output {output!r} is a folder; give the path of a file", EXIT_USAGE)
     if out.exists() and not out.is_file():

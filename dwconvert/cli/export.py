@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..checkpoint import CheckpointError, load, read_recipe
 from ..export import ONNX_EXPORTERS, ExportError, export_onnx, export_torchscript, require_onnx
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt",
                        EXIT_USAGE)
     outputs = [p for p in (args.onnx, args.torchscript) if p is not None]
-    if len(outputs) == 2 and args.onnx == args.torchscript:
+    if len(outputs) == 2 and Path(args.onnx).resolve() == Path(args.torchscript).resolve():
         raise CLIError("--onnx and --torchscript name the same file", EXIT_USAGE)
     paths = [check_output_path(p, [args.converted], args.force) for p in outputs]
     if args.onnx is not None:

@@ -199,7 +199,7 @@ def run_finetune(student: nn.Module, teacher: nn.Module, args: argparse.Namespac
     try:
         return finetune(student, teacher, train, val_data=held_out, config=config,
                         output=output, arch=arch, arch_kwargs=arch_kwargs, extra=extra,
-                        resume=args.resume, overwrite=True, device=args.device,
+                        resume=args.resume, overwrite=args.force, device=args.device,
                         progress=is_main_process() and progress_enabled())
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err), EXIT_USAGE) from None
