@@ -24,9 +24,11 @@ from .common import (
     check_input_shape,
     check_output_path,
     load_original,
+    non_negative_int,
     notes_in_summary,
     number_parser,
     parse_input_shape,
+    positive_int,
     thread_count,
 )
 from .compare import _load_pair
@@ -65,12 +67,6 @@ duration = number_parser(float, lambda v: 0 <= v < math.inf,
                          "{text} should be a number of seconds >= 0")
 
 
-def calls_at_least(least: int):
-    """An argparse ``type`` for a count of calls, ``least`` or more."""
-    return number_parser(int, lambda v: v >= least,
-                         f"{{text}} should be a whole number of calls, at least {least}")
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -100,9 +96,9 @@ def add_parser(subparsers) -> None:
                              "--threads, else torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of the PyTorch runtimes (default: cpu)")
-    parser.add_argument("--warmup", type=calls_at_least(0), default=3,
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
                         help="untimed calls first (default 3)")
-    parser.add_argument("--repeats", type=calls_at_least(1), default=20,
+    parser.add_argument("--repeats", type=positive_int, default=20,
                         help="timed calls per model at least; the median is reported "
                              "(default 20)")
     parser.add_argument("--min-seconds", type=duration, default=1.0, metavar="S",

@@ -67,6 +67,10 @@ def number_parser(convert: Callable[[str], float], accept: Callable[[float], boo
     return parse
 
 
+positive_int = number_parser(int, lambda v: v >= 1, "{text} should be a whole number of at "
+                             "least 1")
+non_negative_int = number_parser(int, lambda v: v >= 0, "{text} should be a whole number of "
+                                 "at least 0")
 thread_count = number_parser(int, lambda v: 1 <= v <= 4096,
                              "{text} should be a whole number from 1 to 4096")
 # Bounded where torch's own limits would otherwise fail deep inside with a traceback.

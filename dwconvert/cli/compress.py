@@ -20,8 +20,6 @@ from .finetune import (
     datasets_from,
     first_image,
     is_main_process,
-    non_negative_int,
-    positive_int,
     print_outcome,
     run_finetune,
 )
@@ -38,9 +36,11 @@ from .common import (
     check_output_path,
     check_report_path,
     load_original,
+    non_negative_int,
     notes_in_summary,
     number_parser,
     parse_input_shape,
+    positive_int,
     write_report,
 )
 

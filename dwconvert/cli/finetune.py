@@ -31,10 +31,12 @@ from .common import (
     add_arch_options,
     check_output_path,
     load_original,
+    non_negative_int,
     number_parser,
     parse_batch_size,
     parse_floats,
     parse_seed,
+    positive_int,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,6 @@ SINGLE_SPLIT_SPECS = ("mnist5k", "imagefolder")
 _CONFIG_OPTIONS = {f.name for f in fields(FinetuneConfig)} - {"amp"}
 
 
-positive_int = number_parser(int, lambda v: v >= 1, "{text} should be a whole number of at "
-                             "least 1")
-non_negative_int = number_parser(int, lambda v: v >= 0, "{text} should be a whole number of "
-                                 "at least 0")
 finite_float = number_parser(float, math.isfinite, "{text} should be a finite number")
 _norm = number_parser(float, lambda v: v >= 0, "{text} should be a norm >= 0 (0: no clipping)")
 
