@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import write_atomically
+from .files import OutputExists, write_atomically
 from .fold import folded_layers, restore_structure
 from .graph import replace_module
 from .layers import FactorizedConv2d, build_empty, conv_spec
@@ -235,9 +235,7 @@ def save(
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(path)!r} exists; pass overwrite=True (CLI: --force) to replace it"
-        )
+        raise OutputExists(path)
     if arch is None:
         cls = type(model)
         arch = f"{cls.__module__}:{cls.__qualname__}"

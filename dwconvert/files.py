@@ -20,9 +20,24 @@ def _umask() -> int:
     return mask
 
 
-def _exists_error(path: Path, when: str) -> FileExistsError:
-    return FileExistsError(f"{str(path)!r} {when}; it is kept (pass overwrite=True, "
-                           "CLI: --force, to replace it)")
+class OutputExists(FileExistsError):
+    """An output path that is taken, and that was not to be replaced.
+
+    The message names the library's option (``overwrite=True``); :meth:`for_cli`
+    words it with the command line's (``--force``).
+    """
+
+    def __init__(self, path: str | os.PathLike, when: str = "exists", *,
+                 resume: bool = False) -> None:
+        self.path, self.when, self.resume = Path(path), when, resume
+        super().__init__(self._message("overwrite=True", "resume=True"))
+
+    def _message(self, force: str, resume: str) -> str:
+        also = f", or {resume} to continue its run" if self.resume else ""
+        return f"{str(self.path)!r} {self.when}; it is kept (pass {force} to replace it{also})"
+
+    def for_cli(self) -> str:
+        return self._message("--force", "--resume")
 
 
 def _link_new(tmp: Path, path: Path) -> None:
@@ -30,10 +45,10 @@ def _link_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)  # atomic: fails if ``path`` exists
     except FileExistsError:
-        raise _exists_error(path, "appeared while it was being written") from None
+        raise OutputExists(path, "appeared while it was being written") from None
     except OSError:  # a file system without hard links: check, then rename
         if path.exists():
-            raise _exists_error(path, "appeared while it was being written") from None
+            raise OutputExists(path, "appeared while it was being written") from None
         os.replace(tmp, path)
 
 
@@ -43,12 +58,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], *,
 
     ``write`` receives the temporary path, whose suffix is that of ``path`` (some
     writers, such as matplotlib's, choose the format by suffix). With
-    ``replace=False`` an existing ``path`` is never replaced: ``FileExistsError``
+    ``replace=False`` an existing ``path`` is never replaced: :class:`OutputExists`
     before ``write`` runs, or after it if ``path`` appeared meanwhile.
     """
     path = Path(path)
     if not replace and path.exists():
-        raise _exists_error(path, "exists")
+        raise OutputExists(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
                                 dir=path.parent)
     os.close(fd)

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from . import distill, distributed, resume
 from .checkpoint import load, save
 from .evaluate import split_batch, tally
+from .files import OutputExists
 from .resume import resume_path
 from .training import (
     EpochRecord,
@@ -154,8 +155,7 @@ def _check_paths(output, resume: bool, overwrite: bool) -> _Paths | None:
             f"(then {str(paths.output)!r} holds its result); start again without resume"
         )
     if not resume and paths.output.exists() and not overwrite:
-        raise FileExistsError(f"{str(paths.output)!r} exists; pass overwrite=True (CLI: --force) "
-                              "to replace it, or resume=True (--resume) to continue its run")
+        raise OutputExists(paths.output, resume=True)
     return paths
 
 

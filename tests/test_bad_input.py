@@ -302,6 +302,7 @@ def test_an_output_that_appears_during_the_run_is_kept(tmp_path, capsys, monkeyp
     _, err = capsys.readouterr()
     TRIED["cli"] += 1
     assert code == EXIT_USAGE and "appeared while it was being written" in err
+    assert "--force" in err and "overwrite=True" not in err  # the option a CLI user has
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert output.read_bytes() == b"theirs"
     assert list(output.parent.iterdir()) == [output]  # no temporary file left

@@ -70,3 +70,16 @@ def test_a_new_file_gets_the_mode_of_any_new_file(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_refusal_names_the_option_of_the_library_or_of_the_command_line(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("mine")
+    with pytest.raises(files.OutputExists) as caught:
+        write_text(path, "new", replace=False)
+    err = caught.value
+    assert isinstance(err, FileExistsError) and err.path == path
+    assert "overwrite=True" in str(err) and "--force" not in str(err)
+    assert "--force" in err.for_cli() and "overwrite=True" not in err.for_cli()
+    resumable = files.OutputExists(path, resume=True)
+    assert "resume=True" in str(resumable) and "--resume" in resumable.for_cli()

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .. import __version__
+from ..files import OutputExists
 from ..progress import logging_above_bars, set_progress
 from . import bench, compare, compress, export, finetune, inspect, sweep
 from .common import EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, CLIError, thread_count
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as err:  # an output that appeared while the command ran
         if args.debug:
             raise
-        print(f"dwconvert {args.command}: error: {err}", file=sys.stderr)
+        message = err.for_cli() if isinstance(err, OutputExists) else str(err)
+        print(f"dwconvert {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"dwconvert {args.command}: interrupted", file=sys.stderr)
