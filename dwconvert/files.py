@@ -27,10 +27,14 @@ class OutputExists(FileExistsError):
     words it with the command line's (``--force``).
     """
 
-    def __init__(self, path: str | os.PathLike, when: str = "exists", *,
+    def __init__(self, path: str | os.PathLike, when: str = "exists",
                  resume: bool = False) -> None:
         self.path, self.when, self.resume = Path(path), when, resume
+        # The message only: with ``filename`` set, OSError's str() would show errno None.
         super().__init__(self._message("overwrite=True", "resume=True"))
+
+    def __reduce__(self):  # pickled and copied with its fields, not its message
+        return type(self), (self.path, self.when, self.resume)
 
     def _message(self, force: str, resume: str) -> str:
         also = f", or {resume} to continue its run" if self.resume else ""

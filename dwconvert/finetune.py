@@ -124,7 +124,8 @@ def finetune(
 
     Raises:
         ValueError: a config value out of range, or a resume file from another recipe.
-        FileExistsError: ``output`` exists, and neither ``overwrite`` nor ``resume``.
+        OutputExists: (a ``FileExistsError``) ``output`` exists, and neither ``overwrite``
+            nor ``resume``.
         FileNotFoundError: ``resume`` without a resume file.
     """
     config = replace(config or FinetuneConfig(), **options)

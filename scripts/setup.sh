@@ -9,6 +9,10 @@ extras="${1:-test}"
 need_gb=8
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch" 2>/dev/null; then
     for dir in . "${TMPDIR:-/tmp}"; do
+        if [ ! -d "$dir" ]; then
+            echo "setup: TMPDIR $dir is not a folder: create it, or unset TMPDIR" >&2
+            exit 1
+        fi
         free_gb=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
         if [ "$free_gb" -lt "$need_gb" ]; then
             echo "setup: $free_gb GB free in $(cd "$dir" && pwd); installing torch and the" \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import pytest
 
@@ -83,3 +84,6 @@ def test_the_refusal_names_the_option_of_the_library_or_of_the_command_line(tmp_
     assert "--force" in err.for_cli() and "overwrite=True" not in err.for_cli()
     resumable = files.OutputExists(path, resume=True)
     assert "resume=True" in str(resumable) and "--resume" in resumable.for_cli()
+    copied = pickle.loads(pickle.dumps(resumable))
+    assert str(copied) == str(resumable) and copied.for_cli() == resumable.for_cli()
+    assert copied.path == path and copied.resume
