@@ -20,6 +20,13 @@ Rows per model and budget ``b`` (a fraction of the whole model's MACs):
   factorization='cp', implementation='factorized')`` on every 3x3 conv with more
   than one input channel, ``R`` per conv so that the model keeps ``b`` of its MACs.
 
+The two latency rows are converted twice, because the latency objective chooses forms
+and ranks by the time of the candidate layers in the memory format they are timed in:
+in NCHW (for the eager and ONNX Runtime columns) and with the model and example in
+channels_last (for the channels_last columns). Both are timed on the CPU, also for the
+CUDA columns. The two can choose other layers, so a channels_last cell may keep other
+MACs; the row's notes say so.
+
 Speedup is original time / converted time; efficiency is speedup / MAC reduction
 (1.0: the model runs as much faster as it has fewer MACs). In the PyTorch runtimes
 BatchNorm is folded into the conv before it in every model (the peer is built on
@@ -94,16 +101,22 @@ DEFAULT_BATCHES = "1,8"
 CAPPED = "dwconvert-latency-capped"
 METHODS = ("dwconvert", "dwconvert-latency", CAPPED, "tltorch-cp")
 OURS = ("dwconvert", "dwconvert-latency", CAPPED)
+# Rows whose forms and ranks are chosen by measured time: made again for channels_last.
+TIMED = ("dwconvert-latency", CAPPED)
+# What ``make_variant`` gives a row (suffixed ``_cl`` for its channels_last conversion).
+MADE_KEYS = ("model", "macs", "mac_reduction", "note", "convert_s")
 # A second, separately prepared copy of the original: the noise of identical models.
 AGAIN = "original (again)"
 AGAIN_NOTE = ("; the original is timed as two copies, each prepared like the other rows, "
               "and its time is the faster copy's; `two copies of the original` says how far "
               "apart they ran, the noise of identical models in this run")
 PEER = "tltorch-cp"
+CONVERTED_AGAIN = ("The `objective=\"latency\"` rows are converted again, with the model and "
+                   "example in channels_last, for the channels_last columns.")
 NOISE = 0.02
 TOO_NOISY = 0.10  # copies of one model further apart than this: no slower/not-slower verdict
-# Rough seconds to convert each model with dwconvert (2 cores), for the run-time estimate.
-CONVERT_SECONDS = {"resnet18": 40, "resnet50": 150, "vgg16": 120, "fashion": 5, "mnist": 5}
+# Rough seconds per conversion of each model (2 cores, as measured), for the run-time estimate.
+CONVERT_SECONDS = {"resnet18": 15, "resnet50": 15, "vgg16": 40, "fashion": 3, "mnist": 1}
 
 
 # --------------------------------------------------------------------------- command line
@@ -232,37 +245,89 @@ def peer_model(model: nn.Module, x: torch.Tensor, budget: float) -> tuple[nn.Mod
 
 
 def build_variants(name: str, model: nn.Module, x: torch.Tensor, budgets: Sequence[float],
-                   methods: Sequence[str], rank_multiple: int) -> list[dict[str, Any]]:
-    """Every converted model of one benchmark model, with its MACs and how it was made."""
+                   methods: Sequence[str], rank_multiple: int,
+                   channels_last: bool = False) -> list[dict[str, Any]]:
+    """Every converted model of one benchmark model, with its MACs and how it was made.
+
+    With ``channels_last``, each ``TIMED`` row also holds the conversion made with the
+    model and example in channels_last, under the same keys suffixed ``_cl``.
+    """
     original_macs = measure(model, (x,)).macs
+    examples = {"": (model, x)}
+    if channels_last:
+        in_channels_last = channels_last_copy(name, model, x)
+        if in_channels_last is not None:
+            examples["_cl"] = in_channels_last
     variants = []
     for budget in budgets:
         for method in methods:
             row: dict[str, Any] = {"method": method, "budget": budget,
-                                   "label": f"{method} @ {budget_label(budget)}", "note": ""}
-            start = time.perf_counter()
-            try:
-                if method == PEER:
-                    converted, row["note"] = peer_model(model, x, budget)
-                    if converted is not None:
-                        row["macs"] = functional_macs(converted, x)
-                else:
-                    converted = convert(model, x, budget, method, row, rank_multiple)
-                    row["macs"] = converted.dwconvert_report.macs_after
-            except dwconvert.BudgetError as err:  # e.g. 1/3 of resnet50's MACs
-                converted, row["note"] = None, f"unreachable: {err}"
-            except Exception as err:  # one failed row must not sink the benchmark
-                logger.exception("%s %s failed", name, row["label"])
-                converted, row["note"] = None, f"error: {type(err).__name__}: {err}"
-            row["convert_s"] = time.perf_counter() - start
-            if converted is not None:
-                share_unchanged(converted, model)
-                row["model"] = converted
-                row["mac_reduction"] = original_macs / row["macs"]
-            logger.info("%s %s: %.1f s%s", name, row["label"], row["convert_s"],
-                        f" ({row['note']})" if row["note"] else "")
+                                   "label": f"{method} @ {budget_label(budget)}"}
+            for suffix, (source, example) in examples.items():
+                if suffix and method not in TIMED:
+                    continue
+                label = row["label"] + (" (channels_last)" if suffix else "")
+                made = make_variant(name, label, source, example, budget, method,
+                                    rank_multiple)
+                if "model" in made:
+                    share_unchanged(made["model"], model)
+                    made["mac_reduction"] = original_macs / made["macs"]
+                row.update({key + suffix: value for key, value in made.items()})
             variants.append(row)
     return variants
+
+
+def channels_last_copy(name: str, model: nn.Module, x: torch.Tensor
+                       ) -> tuple[nn.Module, torch.Tensor] | None:
+    """``model`` and ``x`` in channels_last, or None if the model fails there (a ``view``
+    in its forward, as in the MNIST CNN); ``model`` itself is left as it is."""
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    example = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            twin(example)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        logger.info("%s fails in channels_last (%s): its rows are not converted there",
+                    name, first)
+        return None
+    return twin, example
+
+
+def make_variant(name: str, label: str, model: nn.Module, x: torch.Tensor, budget: float,
+                 method: str, rank_multiple: int) -> dict[str, Any]:
+    """One conversion: ``model``, ``macs``, ``note`` and ``convert_s`` (no model if it failed)."""
+    made: dict[str, Any] = {"note": ""}
+    start = time.perf_counter()
+    try:
+        if method == PEER:
+            converted, made["note"] = peer_model(model, x, budget)
+            if converted is not None:
+                made["macs"] = functional_macs(converted, x)
+        else:
+            converted = convert(model, x, budget, method, made, rank_multiple)
+            made["macs"] = converted.dwconvert_report.macs_after
+    except dwconvert.BudgetError as err:  # e.g. 1/3 of resnet50's MACs
+        converted, made["note"] = None, f"unreachable: {err}"
+    except Exception as err:  # one failed row must not sink the benchmark
+        logger.exception("%s %s failed", name, label)
+        converted, made["note"] = None, f"error: {type(err).__name__}: {err}"
+    made["convert_s"] = time.perf_counter() - start
+    if converted is not None:
+        made["model"] = converted
+    logger.info("%s %s: %.1f s%s", name, label, made["convert_s"],
+                f" ({made['note']})" if made["note"] else "")
+    return made
+
+
+def variant_for(variant: dict[str, Any], runtime: str) -> dict[str, Any]:
+    """The keys of ``variant`` that hold for ``runtime``: its channels_last conversion
+    (``_cl`` keys) in the channels_last runtime, where it has one."""
+    if runtime != "channels_last" or "note_cl" not in variant:
+        return variant
+    shared = {k: v for k, v in variant.items() if k not in MADE_KEYS and not k.endswith("_cl")}
+    return {**shared, **{key: variant[f"{key}_cl"] for key in MADE_KEYS
+                         if f"{key}_cl" in variant}}
 
 
 def share_unchanged(variant: nn.Module, original: nn.Module) -> None:
@@ -314,8 +379,9 @@ def time_runtime(original: nn.Module, variants: list[dict], x: torch.Tensor, run
                  args: argparse.Namespace) -> dict[str, Any]:
     """Seconds of the original and of every variant in one runtime, timed interleaved."""
     calls, skipped = {}, {}
+    made = [variant_for(v, runtime) for v in variants]
     contenders = {"original": original,
-                  **{v["label"]: v["model"] for v in variants if "model" in v},
+                  **{v["label"]: v["model"] for v in made if "model" in v},
                   AGAIN: original}  # prepare() copies each model, so this is a second copy
     for label, model in contenders.items():
         try:
@@ -358,27 +424,32 @@ def estimate_seconds(args: argparse.Namespace) -> float:
                               args.min_seconds) + once * batch * args.warmup
                           for batch in args.batches)
         # ONNX Runtime is faster per call, but exports each model; call it the same.
+        conversions = sum(m != PEER for m in args.methods) + \
+            ("channels_last" in args.runtimes) * sum(m in TIMED for m in args.methods)
         total += per_setting * len(args.runtimes) + CONVERT_SECONDS[name] * \
-            len(args.budgets) * sum(m != PEER for m in args.methods)
+            len(args.budgets) * conversions
     return total
 
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model, shape = load_model(name)
     x = torch.randn(1, *shape)
-    variants = build_variants(name, model, x, args.budgets, args.methods, args.rank_multiple)
+    variants = build_variants(name, model, x, args.budgets, args.methods, args.rank_multiple,
+                              channels_last="channels_last" in args.runtimes)
     result: dict[str, Any] = {
         "input": list(shape), "macs": measure(model, (x,)).macs,
         "params": sum(p.numel() for p in model.parameters()),
-        "variants": [{k: v for k, v in row.items() if k != "model"} for row in variants],
+        "variants": [{k: v for k, v in row.items() if k not in ("model", "model_cl")}
+                     for row in variants],
         "timings": [],
     }
     for device, runtime, batch in settings(args):
         xb = torch.randn(batch, *shape, device=device)
         original = model.to(device)
         for row in variants:
-            if "model" in row:
-                row["model"] = row["model"].to(device)
+            for key in ("model", "model_cl"):  # the NCHW and the channels_last conversion
+                if key in row:
+                    row[key] = row[key].to(device)
         logger.info("%s: timing %s %s batch %d", name, device, runtime, batch)
         timed = time_runtime(original, variants, xb, runtime, args)
         result["timings"].append({"device": device, "runtime": runtime, "batch": batch,
@@ -421,9 +492,10 @@ def slower_rows(models: dict, method: str, floors: dict[str, float]) -> tuple[in
     """How many timings of ``method`` rows there are, and those slower than the allowance."""
     checked, slower = 0, []
     for name, model in models.items():
-        unchanged = {v["label"] for v in model["variants"] if v.get("macs") == model["macs"]}
         for timing in model["timings"]:
             seconds = timing["seconds"]
+            unchanged = {v["label"] for v in model["variants"]
+                         if variant_for(v, timing["runtime"]).get("macs") == model["macs"]}
             for label, value in seconds.items():
                 if label.split(" @ ")[0] != method or "original" not in seconds:
                     continue
@@ -483,7 +555,8 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
     for name, model in models.items():
         for timing in model["timings"]:
             seconds = timing["seconds"]
-            macs = {v["label"]: v.get("macs") for v in model["variants"]}
+            macs = {v["label"]: variant_for(v, timing["runtime"]).get("macs")
+                    for v in model["variants"]}
             for budget in results["meta"]["budgets"]:
                 peer_label = f"{PEER} @ {budget_label(budget)}"
                 peer = seconds.get(peer_label)
@@ -531,21 +604,20 @@ def model_section(name: str, model: dict) -> str:
     notes = []
     for variant in model["variants"]:
         label = variant["label"]
-        if "macs" not in variant:
-            rows.append([label, "-"] + ["-"] * len(timings))
-            notes.append(f"{label}: {variant['note']}")
-            continue
-        cells = [label, f"{1 / variant['mac_reduction']:.3f}"]
+        cells = [label, f"{1 / variant['mac_reduction']:.3f}" if "macs" in variant else "-"]
         for t in timings:
-            seconds = t["seconds"]
-            if label in seconds and "original" in seconds:
+            seconds, made = t["seconds"], variant_for(variant, t["runtime"])
+            if "macs" not in made:
+                cells.append("-")
+            elif label in seconds and "original" in seconds:
                 gain = baseline(seconds) / seconds[label]
-                cells.append(f"{gain:.2f}x ({gain / variant['mac_reduction']:.2f})")
+                cells.append(f"{gain:.2f}x ({gain / made['mac_reduction']:.2f})")
             else:
                 cells.append("n/a")
         rows.append(cells)
         if variant["note"]:
             notes.append(f"{label}: {variant['note']}")
+        notes += channels_last_notes(variant)
     for t in timings:
         for label, why in t["skipped"].items():
             notes.append(f"{t['runtime']} b{t['batch']}, {label}: not timed ({why})")
@@ -556,10 +628,26 @@ def model_section(name: str, model: dict) -> str:
               if measured else []),
             "Original: median time per call. Other rows: speedup over the original "
             f"(efficiency = speedup / MAC reduction){AGAIN_NOTE if len(rows) > 1 else ''}.",
+            *(["", CONVERTED_AGAIN] if any("note_cl" in v for v in model["variants"]) else []),
             "", md_table(headers, rows)]
     if notes:
         text += [""] + [f"- {n}" for n in sorted(set(notes))]
     return "\n".join(text)
+
+
+def channels_last_notes(variant: dict) -> list[str]:
+    """What a row's channels_last conversion did differently, if it had one."""
+    if "note_cl" not in variant:
+        return []
+    label, notes = variant["label"], []
+    if "macs_cl" in variant and variant["macs_cl"] != variant.get("macs"):
+        kept = 1 / variant["mac_reduction_cl"]
+        notes.append(f"{label}: converted again in channels_last for the channels_last "
+                     f"columns, where it keeps {kept:.3f} of the MACs"
+                     + (" (no conv converted)" if kept == 1 else ""))
+    if variant["note_cl"]:
+        notes.append(f"{label}, converted in channels_last: {variant['note_cl']}")
+    return notes
 
 
 def markdown_report(results: dict) -> str:
@@ -616,11 +704,12 @@ def plot(results: dict, path: Path) -> None:
             for method, marker in markers.items():
                 points = []
                 for variant in model["variants"]:
-                    if variant["method"] != method or "macs" not in variant:
+                    made = variant_for(variant, runtime)
+                    if variant["method"] != method or "macs" not in made:
                         continue
                     gain = speedup(model, device, runtime, batch, variant["label"])
                     if gain is not None:
-                        points.append((variant["mac_reduction"], gain))
+                        points.append((made["mac_reduction"], gain))
                 if points:
                     top = max(top, *(max(p) for p in points))
                     axis.scatter(*zip(*points), marker=marker, label=f"{name} {method}")

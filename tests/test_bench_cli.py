@@ -1,4 +1,5 @@
-"""``dwconvert bench`` and ``compress --objective latency`` on the pretrained MNIST CNN.
+"""``dwconvert bench`` and ``compress --objective latency`` on the pretrained MNIST CNN
+(and on FashionResNet where a model must run in channels_last).
 
 Timings are whatever this machine gives; the tests check what holds at any speed:
 the table and JSON agree with each other, MAC reductions match MACs counted here,
@@ -16,12 +17,15 @@ import torch
 from conftest import count_macs
 
 import dwconvert
-from dwconvert.cli.common import EXIT_OK, EXIT_USAGE
+from dwconvert import checkpoint
+from dwconvert.cli.common import EXIT_CONVERSION, EXIT_OK, EXIT_USAGE
 from dwconvert.cli.main import main
 
 CNN_ARCH = "digit_recognizer.model:CNN"
 CNN_PATH = (Path(importlib.util.find_spec("digit_recognizer").origin).parent
             / "models" / "handwriting_model.pth")
+FASHION = Path(__file__).resolve().parents[1] / "examples/fashion_mnist/fashion_resnet.safetensors"
+FASHION_ARCH = "examples.fashion_mnist.model:FashionResNet"
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -101,7 +105,7 @@ def test_compress_objective_latency_keeps_only_faster_layers(tmp_path, capsys):
             if layer["status"] == "converted":
                 assert layer["time_after"] < layer["time_before"]
     else:
-        assert not output.exists()
+        assert code == EXIT_CONVERSION and not output.exists()
 
 
 def test_speedup_needs_objective_latency(tmp_path, capsys):
@@ -159,7 +163,7 @@ def test_compress_max_macs_caps_a_latency_conversion(tmp_path, capsys):
         assert count_macs(dwconvert.load(output), x) <= 0.6 * count_macs(_cnn(), x)
         assert "at most 0.600" in out
     else:
-        assert not output.exists()
+        assert code == EXIT_CONVERSION and not output.exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -185,3 +189,54 @@ def test_bench_json_never_replaces_the_converted_input(converted_path, capsys):
                  "--json", str(converted_path), "--force"])
     assert code == EXIT_USAGE and "input" in capsys.readouterr().err
     assert converted_path.read_bytes() == before
+
+
+def test_compress_channels_last_times_the_layers_in_channels_last(tmp_path, capsys,
+                                                                   monkeypatch):
+    from dwconvert import speed
+    from dwconvert.layouts import is_channels_last
+
+    formats, time_layer = [], speed.time_layer
+
+    def spy(conv, inputs, allowed, timer):
+        if conv.in_channels > 1:  # a one-channel input is both NCHW and channels_last
+            formats.append(is_channels_last(inputs[0]))
+        return time_layer(conv, inputs, allowed, timer)
+
+    monkeypatch.setattr(speed, "time_layer", spy)
+    output = tmp_path / "fashion-cl.safetensors"
+    code = main(["compress", str(FASHION), "-o", str(output), "--arch", FASHION_ARCH,
+                 "--input-shape", "1,28,28", "--objective", "latency", "--speedup", "1.0",
+                 "--channels-last"])
+    capsys.readouterr()
+    assert len(formats) > 1 and all(formats), formats  # timed on channels_last inputs
+    # Converting nothing is a valid outcome on a slow machine (exit 4 then, nothing written).
+    if code == EXIT_OK:
+        loaded = dwconvert.load(output)
+        recipe = checkpoint.read_recipe(output)
+        assert recipe["extra"]["memory_format"] == "channels_last"
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():  # the result runs in either memory format, to the same numbers
+            cl = x.contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(loaded(cl), loaded(x), rtol=1e-4, atol=1e-4)
+    else:
+        assert code == EXIT_CONVERSION and not output.exists()
+
+
+def test_compress_channels_last_refuses_a_model_that_fails_there(tmp_path, capsys):
+    output = tmp_path / "x.safetensors"
+    code = main(["compress", str(CNN_PATH), "-o", str(output), "--arch", CNN_ARCH,
+                 "--input-shape", "1,28,28", "--objective", "latency", "--channels-last"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "fails in channels_last" in err
+    assert "without --channels-last" in err and "Traceback" not in err
+    assert not output.exists()
+
+
+def test_compress_channels_last_needs_something_timed(tmp_path, capsys):
+    output = tmp_path / "x.safetensors"
+    code = main(["compress", str(FASHION), "-o", str(output), "--arch", FASHION_ARCH,
+                 "--input-shape", "1,28,28", "--channels-last"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "--objective latency or --layout auto" in err
+    assert not output.exists()

@@ -147,3 +147,94 @@ def test_a_variant_shares_only_the_weights_conversion_left_alone(bench):
     assert variant[1].running_mean is not original[1].running_mean
     assert variant[0].weight is not original[0].weight
     assert torch.equal(variant(x), expected)
+
+
+def test_the_channels_last_columns_read_the_conversion_made_in_channels_last(bench):
+    variant = {"method": "dwconvert-latency", "label": "dwconvert-latency @ 1/3", "macs": 50,
+               "mac_reduction": 2.0, "note": "", "macs_cl": 60, "mac_reduction_cl": 5 / 3,
+               "note_cl": "asked again"}
+    assert bench.variant_for(variant, "eager") is variant
+    cl = bench.variant_for(variant, "channels_last")
+    assert (cl["macs"], cl["mac_reduction"], cl["note"]) == (60, 5 / 3, "asked again")
+    assert cl["label"] == variant["label"] and not any(k.endswith("_cl") for k in cl)
+    # Without a conversion of its own (a MACs-objective row), channels_last reads the one.
+    plain = {"method": "dwconvert", "label": "dwconvert @ 1/3", "macs": 50, "note": ""}
+    assert bench.variant_for(plain, "channels_last") is plain
+
+    # In the report: 30/20 = 1.5x in both, efficiency 1.5/2 in eager, 1.5/(5/3) in CL.
+    timings = [{"device": "cpu", "runtime": runtime, "batch": 1, "skipped": {},
+                "seconds": {"original": 30.0, variant["label"]: 20.0}}
+               for runtime in ("eager", "channels_last")]
+    text = bench.model_section("m", {"input": [3, 8, 8], "macs": 100, "variants": [variant],
+                                     "timings": timings})
+    assert "| dwconvert-latency @ 1/3 | 0.500 | 1.50x (0.75) | 1.50x (0.90) |" in text
+    assert "where it keeps 0.600 of the MACs" in text and bench.CONVERTED_AGAIN in text
+    assert "dwconvert-latency @ 1/3, converted in channels_last: asked again" in text
+
+
+def test_only_the_timed_rows_are_converted_again_and_not_for_a_model_failing_there(
+        bench, monkeypatch):
+    import torch
+    from torch import nn
+
+    import dwconvert
+    from dwconvert.layouts import is_channels_last
+
+    # A conversion by MACs stands in for the timed one, so that the outcome does not
+    # depend on this machine's speed; it records the memory format it was given.
+    seen = []
+
+    def by_macs(model, x, budget, method, row, rank_multiple):
+        weight = next(model.parameters())
+        seen.append((method, is_channels_last(x), is_channels_last(weight)))
+        return dwconvert.convert(model, budget=budget, example_inputs=x)
+
+    monkeypatch.setattr(bench, "convert", by_macs)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 12, 12)
+    rows = bench.build_variants("tiny", model, x, [1 / 2], ["dwconvert", bench.CAPPED],
+                                rank_multiple=1, channels_last=True)
+    assert seen == [("dwconvert", False, False), (bench.CAPPED, False, False),
+                    (bench.CAPPED, True, True)]
+    by_method = {row["method"]: row for row in rows}
+    assert not any(key.endswith("_cl") for key in by_method["dwconvert"])
+    capped = by_method[bench.CAPPED]
+    assert capped["model_cl"] is not capped["model"] and capped["note_cl"] == ""
+    assert capped["mac_reduction_cl"] == pytest.approx(
+        bench.measure(model, (x,)).macs / capped["macs_cl"])
+    assert not is_channels_last(model[0].weight)  # the original is left in NCHW
+    assert model[0].weight.is_contiguous()  # the original is left in NCHW
+
+    class Flattens(nn.Module):  # ``view`` fails on a channels_last tensor
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).view(x.shape[0], -1)
+
+    flat = Flattens().eval()
+    assert bench.channels_last_copy("flat", flat, x) is None
+    rows = bench.build_variants("flat", flat, x, [1 / 2], [bench.CAPPED], rank_multiple=1,
+                                channels_last=True)
+    assert seen[-1] == (bench.CAPPED, False, False)  # converted in NCHW only
+    assert not any(key.endswith("_cl") for key in rows[0])
+
+
+def test_the_peer_is_compared_in_channels_last_at_the_macs_of_that_conversion(bench):
+    # NCHW conversion: 95 MACs, within the peer's 96; the channels_last one keeps 150.
+    data = results({"dwconvert-latency @ 1/3": 95, "tltorch-cp @ 1/3": 96},
+                   {"dwconvert-latency @ 1/3": 10.0, "tltorch-cp @ 1/3": 24.0})
+    model = data["models"]["resnet18"]
+    model["variants"][0].update(macs_cl=150, mac_reduction_cl=2.0, note_cl="")
+    model["timings"].append({**model["timings"][0], "runtime": "channels_last"})
+    peer = next(t for t in bench.check_targets(data)
+                if t["target"].startswith("faster than tltorch-cp"))
+    # Ahead in eager and ONNX Runtime; in channels_last there is no row to compare.
+    assert peer["met"] and peer["measured"] == "2 of 2 settings ahead"
+    model["variants"][0]["macs_cl"] = 96
+    peer = next(t for t in bench.check_targets(data)
+                if t["target"].startswith("faster than tltorch-cp"))
+    assert peer["measured"] == "3 of 3 settings ahead"

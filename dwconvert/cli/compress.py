@@ -7,6 +7,9 @@ import logging
 import math
 import os
 
+import torch
+from torch import nn
+
 from ..checkpoint import save
 from ..convert import BUDGET_SCOPES, OBJECTIVES, WeightsError, convert
 from ..data import DataSpecError, make_loader
@@ -119,6 +122,11 @@ def add_parser(subparsers) -> None:
                         help="how the new layers run: auto (time each candidate and keep the "
                              "fastest; the default with --objective latency), plain (the "
                              "default otherwise), channels_last or matmul")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="with --objective latency or --layout auto: time the layers with "
+                             "the whole model and example in channels_last memory format, as "
+                             "a channels_last deployment runs them (--layout channels_last "
+                             "is a layout of the new layers alone)")
     parser.add_argument("--budget-on", choices=COST_MEASURES, default="macs",
                         help="what --budget counts (default: macs)")
     parser.add_argument("--budget-scope", choices=BUDGET_SCOPES, default="model",
@@ -170,10 +178,27 @@ def calibration_loader(args):
         raise CLIError(str(err)) from None
 
 
+def to_channels_last(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """``model`` (moved in place) and ``example`` in channels_last, or a clear error."""
+    model = model.to(memory_format=torch.channels_last)
+    example = example.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as err:  # e.g. a ``view`` in the model's forward
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"the model fails in channels_last memory format ({first}); convert "
+                       "without --channels-last", EXIT_USAGE) from None
+    return model, example
+
+
 def run(args: argparse.Namespace) -> int:
     main = is_main_process()  # under torchrun, the other processes only train
     if not main:
         logging.getLogger().setLevel(logging.ERROR)
+    if args.channels_last and args.objective != "latency" and args.layout != "auto":
+        raise CLIError("--channels-last changes only what is timed: give --objective latency "
+                       "or --layout auto too", EXIT_USAGE)
     if args.resume and args.finetune is None:
         raise CLIError("--resume continues a fine-tuning run: give --finetune SPEC too",
                        EXIT_USAGE)
@@ -189,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     report_path = check_report_path(args.report, [args.input, args.output], args.force)
     model = load_original(args.input, args.arch, args.arch_kwargs, args.allow_pickle)
     example = check_input_shape(model, args.input_shape)
+    if args.channels_last:
+        model, example = to_channels_last(model, example)
     calibration = calibration_loader(args)
     try:
         with notes_in_summary(printed=main):
@@ -221,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         cls = type(model)
         arch = f"{cls.__module__}:{cls.__qualname__}"
     extra = {"source": str(args.input), "input_shape": list(args.input_shape),
+             "memory_format": "channels_last" if args.channels_last else "contiguous",
              "report": report.to_dict()}
     if args.finetune is not None:
         _finetune(args, model, converted, output, arch, extra)
