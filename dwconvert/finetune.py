@@ -156,7 +156,7 @@ def _check_paths(output, resume: bool, overwrite: bool) -> _Paths | None:
             f"(then {str(paths.output)!r} holds its result); start again without resume"
         )
     if not resume and paths.output.exists() and not overwrite:
-        raise OutputExists(paths.output, resume=True)
+        raise OutputExists(paths.output, resume=paths.state.is_file())
     return paths
 
 

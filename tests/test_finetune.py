@@ -532,3 +532,46 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("extra, words", [
+    # A timed conversion could choose other layers than the interrupted run's.
+    (["--resume", "--objective", "latency"], "convert first"),
+    (["--resume", "--layout", "auto"], "convert first"),
+    (["--resume"], "no resume file"),
+])
+def test_compress_refuses_a_resume_it_cannot_do_before_converting(extra, words, tmp_path,
+                                                                  capsys, monkeypatch):
+    import dwconvert.cli.compress as compress_cli
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted before the resume was checked")
+
+    monkeypatch.setattr(compress_cli, "convert", no_conversion)
+    out_path = tmp_path / "tuned.safetensors"
+    code, _, err = _run(["compress", str(CNN_PATH), "-o", str(out_path), *CNN_OPTIONS,
+                         "--finetune", "mnist5k", *extra], capsys)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out_path.exists()
+
+
+def test_an_output_beside_an_interrupted_run_names_resume(tmp_path, capsys):
+    out_path = tmp_path / "tuned.safetensors"
+    out_path.write_bytes(b"best epoch so far")
+    resume_path(out_path).write_bytes(b"state of an interrupted run")
+    code, _, err = _run(["compress", str(CNN_PATH), "-o", str(out_path), *CNN_OPTIONS,
+                         "--finetune", "mnist5k"], capsys)
+    assert code == 2 and "--resume" in err and "--force" in err
+    assert out_path.read_bytes() == b"best epoch so far"
+
+
+def test_an_existing_output_without_a_resume_file_does_not_suggest_resuming(tmp_path):
+    student, teacher = _tiny_pair()
+    out = tmp_path / "tuned.safetensors"
+    out.write_bytes(b"mine")
+    with pytest.raises(FileExistsError) as caught:
+        finetune(student, teacher, _tiny_data(), output=out)
+    assert "overwrite=True" in str(caught.value) and "resume" not in str(caught.value)
+    resume_path(out).write_bytes(b"state")
+    with pytest.raises(FileExistsError, match="or resume=True to continue its run"):
+        finetune(student, teacher, _tiny_data(), output=out)

@@ -202,12 +202,18 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.finetune is None:
         raise CLIError("--resume continues a fine-tuning run: give --finetune SPEC too",
                        EXIT_USAGE)
+    timed = args.objective == "latency" or args.layout == "auto"
+    if args.resume and timed:
+        raise CLIError("--resume: a timed conversion (--objective latency or --layout auto) "
+                       "can choose other layers on each run, so its fine-tuning cannot be "
+                       "continued here; convert first (dwconvert compress without --finetune), "
+                       "then fine-tune with dwconvert finetune, which can resume", EXIT_USAGE)
+    if args.finetune is not None:
+        check_resume_file(args.output, args)  # first: its message names --resume
     output = check_output_path(args.output, [args.input], args.force or args.resume)
     if args.finetune is not None:
         config_from(args)  # a bad recipe is refused before the conversion, not after
-        check_resume_file(output, args)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
-                args.objective == "latency" or args.layout == "auto"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and timed:
             raise CLIError("under torchrun each process would time its own layers and could "
                            "choose other ranks: convert first (dwconvert compress without "
                            "torchrun), then run dwconvert finetune under torchrun", EXIT_USAGE)

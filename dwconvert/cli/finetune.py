@@ -204,11 +204,15 @@ def run_finetune(student: nn.Module, teacher: nn.Module, args: argparse.Namespac
 
 
 def check_resume_file(output, args: argparse.Namespace) -> None:
-    """Refuse to start afresh over the resume file of an interrupted run, unless --force."""
+    """Refuse to start afresh over the resume file of an interrupted run, unless --force,
+    and to resume a run that left no resume file; before any work is done."""
     state = resume_path(output)
     if state.exists() and not args.resume and not args.force:
         raise CLIError(f"{str(state)!r} holds an interrupted run of {str(output)!r}: pass "
                        "--resume to continue it, or --force to start again", EXIT_USAGE)
+    if args.resume and not state.is_file():
+        raise CLIError(f"--resume: no resume file {str(state)!r}; the run never started, or "
+                       "it completed; start again without --resume", EXIT_USAGE)
 
 
 def is_main_process() -> bool:
@@ -264,9 +268,9 @@ def _percent(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     if not is_main_process():
         logging.getLogger().setLevel(logging.ERROR)
+    check_resume_file(args.output, args)  # first: its message names --resume
     output = check_output_path(args.output, [args.converted, args.teacher],
                                args.force or args.resume)
-    check_resume_file(output, args)
     try:
         meta = read_recipe(args.converted)
         student = load(args.converted, arch=args.arch, arch_kwargs=args.arch_kwargs)
