@@ -74,6 +74,7 @@ for path in (ROOT, HERE):  # ``examples.fashion_mnist`` and the fidelity helpers
 
 import dwconvert  # noqa: E402
 from dwconvert.costs import measure  # noqa: E402
+from dwconvert.errors import first_line  # noqa: E402
 from dwconvert.files import write_atomically  # noqa: E402
 from dwconvert.latency import (  # noqa: E402
     RUNTIMES,
@@ -287,7 +288,7 @@ def channels_last_copy(name: str, model: nn.Module, x: torch.Tensor
         with torch.inference_mode():
             twin(example)
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         logger.info("%s fails in channels_last (%s): its rows are not converted there",
                     name, first)
         return None

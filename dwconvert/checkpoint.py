@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import first_line
 from .files import OutputExists, write_atomically
 from .fold import folded_layers, restore_structure
 from .graph import replace_module
@@ -103,7 +104,7 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = first_line(err)
         if not allow_pickle and "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{str(path)!r} holds Python objects beyond tensors and cannot be loaded "

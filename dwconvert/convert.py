@@ -26,6 +26,7 @@ from torch import nn
 
 from . import calibrate, factorize, fold, ranks, speed
 from .costs import Geometry, ModelCost, measure
+from .errors import first_line
 from .factorize import FORMS, KernelShape, Whitening
 from .graph import ConvSites, find_convs, replace_module
 from .latency import MedianTimer, ModuleTimer, capture_inputs, format_seconds
@@ -376,7 +377,7 @@ def _measure_example(model: nn.Module, example_inputs) -> ModelCost | None:
     except Exception as err:  # the model's own error, for an input it cannot take
         shapes = ", ".join("x".join(map(str, x.shape)) if isinstance(x, torch.Tensor)
                            else type(x).__name__ for x in example_inputs)
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         raise ValueError(f"the model rejects example_inputs of shape {shapes} "
                          f"({type(err).__name__}: {first}); give inputs of the shape "
                          "it expects") from err

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, build_model, load_weights, read_state_dict
+from ..errors import first_line
 from ..files import write_text
 from ..report import IN_NOTES, REPORT_SUFFIXES, render
 
@@ -171,7 +172,7 @@ def check_input_shape(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
         with torch.no_grad():
             model(example)
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         raise CLIError(
             f"the model rejects an input of shape {'x'.join(map(str, shape))} ({first}); "
             "give the shape it expects with --input-shape C,H,W"

@@ -10,6 +10,7 @@ from tabulate import tabulate
 from ..checkpoint import CheckpointError, is_converted_checkpoint, load, read_recipe
 from ..costs import measure
 from ..data import DATA_SPECS_HELP, DataSpecError, make_loader
+from ..errors import first_line
 from ..evaluate import compare_models
 from ..report import format_count
 from .common import CLIError, HelpFormatter, add_arch_options, add_data_options, load_original
@@ -63,7 +64,7 @@ def _check_accepts(label: str, model, images, data: str) -> None:
         with torch.no_grad():
             model(images)
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         shape = "x".join(map(str, images.shape[1:]))
         raise CLIError(f"the {label} model rejects the {shape} images of {data!r} ({first}); "
                        "give data of the shape the model was trained on") from None

@@ -13,6 +13,7 @@ from torch import nn
 from ..checkpoint import save
 from ..convert import BUDGET_SCOPES, OBJECTIVES, WeightsError, convert
 from ..data import DataSpecError, make_loader
+from ..errors import first_line
 from ..factorize import FORMS
 from ..ranks import COST_MEASURES, BudgetError
 from .finetune import (
@@ -186,7 +187,7 @@ def to_channels_last(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module
         with torch.no_grad():
             model(example)
     except Exception as err:  # e.g. a ``view`` in the model's forward
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         raise CLIError(f"the model fails in channels_last memory format ({first}); convert "
                        "without --channels-last", EXIT_USAGE) from None
     return model, example
@@ -196,13 +197,13 @@ def run(args: argparse.Namespace) -> int:
     main = is_main_process()  # under torchrun, the other processes only train
     if not main:
         logging.getLogger().setLevel(logging.ERROR)
-    if args.channels_last and args.objective != "latency" and args.layout != "auto":
+    timed = args.objective == "latency" or args.layout == "auto"
+    if args.channels_last and not timed:
         raise CLIError("--channels-last changes only what is timed: give --objective latency "
                        "or --layout auto too", EXIT_USAGE)
     if args.resume and args.finetune is None:
         raise CLIError("--resume continues a fine-tuning run: give --finetune SPEC too",
                        EXIT_USAGE)
-    timed = args.objective == "latency" or args.layout == "auto"
     if args.resume and timed:
         raise CLIError("--resume: a timed conversion (--objective latency or --layout auto) "
                        "can choose other layers on each run, so its fine-tuning cannot be "
