@@ -400,3 +400,30 @@ def test_conv_never_called_is_reported_and_kept():
     assert by_name["used"].status == "converted"
     assert by_name["spare"].status == "skipped" and "never called" in by_name["spare"].reason
     assert type(result.spare) is nn.Conv2d
+
+
+def _two_random_convs() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1)).eval()
+
+
+def test_data_free_conversion_warns_of_convs_that_lost_most_of_their_kernel():
+    model, x = _two_random_convs(), torch.randn(1, 8, 10, 10)
+    # A random 3x3 kernel at rank 1 of dw-pw keeps a small part of it.
+    lossy = dwconvert.convert(model, form="dw-pw", rank=1, example_inputs=x)
+    report = lossy.dwconvert_report
+    errors = {r.name: r.weight_error for r in report.layers if r.weight_error is not None}
+    high = [name for name, error in errors.items() if error > 0.75]
+    assert high, errors  # the setting has to be lossy for the test to mean anything
+    warnings = [n for n in report.notes if "relative weight error above 0.75" in n]
+    worst = max(high, key=errors.get)
+    assert len(warnings) == 1 and f"{worst}: {errors[worst]:.3f}" in warnings[0]
+    assert warnings[0].startswith(f"warning: {len(high)} converted conv")
+
+    exact = dwconvert.convert(model, form="dw-pw", rank="full", example_inputs=x)
+    assert not any("weight error above" in n for n in exact.dwconvert_report.notes)
+    # With calibration data the output is refitted, and the kernel error says less.
+    calibrated = dwconvert.convert(model, form="dw-pw", rank=1, example_inputs=x,
+                                   calibration=[torch.randn(4, 8, 10, 10)])
+    assert not any("weight error above" in n for n in calibrated.dwconvert_report.notes)
